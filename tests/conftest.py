@@ -1,0 +1,32 @@
+"""Shared test fixtures: a tiny randomly initialised BERT text encoder saved as a local
+Hugging Face folder (nothing is downloaded), and tiny LSMS configs/models built on it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_dir(tmp_path_factory):
+    """Path of a tiny random BERT folder (config, weights, vocab) loadable with AutoModel/AutoTokenizer."""
+    from lsms_core.testing import make_tiny_text_encoder
+
+    return make_tiny_text_encoder(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture()
+def tiny_config(tiny_encoder_dir):
+    from lsms_core.testing import tiny_config
+
+    return tiny_config(tiny_encoder_dir)
+
+
+@pytest.fixture()
+def tiny_model(tiny_config):
+    from lsms_core.model import LSMS
+
+    return LSMS(tiny_config)
