@@ -1,0 +1,811 @@
+"""The segment widget: describe a lesion in words, get its mask in a Labels layer.
+
+``SegmentWidget`` is a thin Qt client of ``lsms_core``: it collects the inputs, runs
+:meth:`lsms_core.infer.Segmenter.segment` in a napari worker thread (progress in napari's activity
+dock, Cancel checked between batches) and merges the result into a Labels layer drawn over the
+image. The bookkeeping that does not need Qt lives in plain classes and functions that are tested
+on their own:
+
+- :class:`LabelBook` gives each description its own label id and builds the layer's ``features``;
+- :class:`RecentDescriptions` remembers descriptions across sessions (a small JSON file);
+- :class:`SegmenterCache` loads each (model, device) once;
+- :func:`merge_mask` writes a result into a label map.
+
+torch and transformers are imported only when a model is listed or loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from napari.layers import Image, Labels
+from napari.qt.threading import create_worker
+from napari.utils import notifications
+from qtpy.QtCore import QObject, QStringListModel, Qt, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QCompleter,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QMenu,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from lsms_core.intensity import WINDOW_PRESETS, level_width_to_range
+from napari_lsms._reader import EXPRESSIONS_KEY, GEOMETRY_KEY, spatial_kwargs, volume_for_layer_data
+
+if TYPE_CHECKING:
+    import napari
+
+LABELS_NAME = "LSMS lesions"
+#: Metadata key linking a result Labels layer to the name of the image it was segmented on.
+SOURCE_IMAGE_KEY = "lsms_image"
+SCOPES = ("all slices", "current slice", "slice range")
+FEATURE_COLUMNS = ("index", "label", "description", "model_version", "time", "voxels", "volume_ml", "found")
+
+
+class UserInputError(ValueError):
+    """A problem with what the user chose; shown as a warning notification, never raised to Qt."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Qt-free logic
+# ---------------------------------------------------------------------------------------------
+
+
+def normalize_description(text: str) -> str:
+    """Collapse whitespace; the key used to recognise "the same description" ignores case too."""
+    return " ".join(str(text).split())
+
+
+class LabelBook:
+    """One label id per description, and the Labels layer's ``features`` table.
+
+    Rows are keyed by label id. Re-running a description (same words, ignoring case and spacing)
+    reuses its id; a new description gets the next id above every id in use (also ids painted by
+    hand, passed as ``taken``). The ``index`` column mirrors ``label`` so that napari shows the
+    description when the mouse is over a label.
+    """
+
+    def __init__(self, features: Any = None):
+        self._rows: dict[int, dict] = {}
+        if features is not None and len(features) and {"label", "description"} <= set(features.columns):
+            for row in features.to_dict("records"):
+                self._rows[int(row["label"])] = {c: row.get(c) for c in FEATURE_COLUMNS}
+
+    @staticmethod
+    def _key(description: str) -> str:
+        return normalize_description(description).casefold()
+
+    def label_of(self, description: str) -> int | None:
+        """The id already given to ``description``, or None."""
+        key = self._key(description)
+        for label, row in self._rows.items():
+            if self._key(row["description"]) == key:
+                return label
+        return None
+
+    def description_of(self, label: int) -> str | None:
+        row = self._rows.get(int(label))
+        return None if row is None else row["description"]
+
+    def label_for(self, description: str, taken: Iterable[int] = ()) -> int:
+        """The id of ``description``: its existing one, else the next free one."""
+        label = self.label_of(description)
+        if label is not None:
+            return label
+        return max([0, *self._rows, *(int(t) for t in taken)]) + 1
+
+    def record(
+        self,
+        description: str,
+        label: int,
+        *,
+        model_version: str,
+        voxels: int,
+        volume_ml: float,
+        found: bool,
+        time: str | None = None,
+    ) -> dict:
+        """Add or replace the row of ``label`` and return it."""
+        row = {
+            "index": int(label),
+            "label": int(label),
+            "description": normalize_description(description),
+            "model_version": str(model_version),
+            "time": time or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "voxels": int(voxels),
+            "volume_ml": float(volume_ml),
+            "found": bool(found),
+        }
+        self._rows[int(label)] = row
+        return row
+
+    def to_features(self):
+        """The rows as a pandas DataFrame sorted by label, ready for ``Labels.features``."""
+        import pandas as pd
+
+        rows = [self._rows[label] for label in sorted(self._rows)]
+        return pd.DataFrame(rows, columns=list(FEATURE_COLUMNS))
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+def merge_mask(labels: np.ndarray, mask: np.ndarray, label: int, slices: tuple[int, int] | None = None) -> int:
+    """Write ``mask`` into ``labels`` as ``label`` (in place) and return the voxel count.
+
+    Within the segmented slices ``[z0, z1)`` the previous voxels of ``label`` are cleared first, so
+    a re-run replaces its old result; other labels are overwritten only where the new mask is.
+    """
+    if labels.shape != mask.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the labels shape {labels.shape}")
+    z0, z1 = slices if slices is not None else (0, labels.shape[0])
+    region = labels[z0:z1]
+    region[region == label] = 0
+    region[mask[z0:z1] > 0] = label
+    return int(np.count_nonzero(labels == label))
+
+
+def voxel_volume_ml(spacing: Iterable[float]) -> float:
+    """Volume of one voxel in millilitres for a spacing in millimetres."""
+    return float(np.prod([float(s) for s in spacing])) / 1000.0
+
+
+class RecentDescriptions:
+    """Most recent first, de-duplicated, at most ``limit`` descriptions, kept in a JSON file."""
+
+    def __init__(self, path: str | Path, limit: int = 20):
+        self.path = Path(path)
+        self.limit = limit
+        self.items: list[str] = self._load()
+
+    def _load(self) -> list[str]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as exc:
+            warnings.warn(f"ignoring unreadable recent descriptions {self.path}: {exc}", stacklevel=2)
+            return []
+        items = data.get("descriptions", []) if isinstance(data, dict) else []
+        return [normalize_description(t) for t in items if isinstance(t, str) and t.strip()][: self.limit]
+
+    def add(self, description: str, save: bool = True) -> None:
+        """Move ``description`` to the front, and save unless ``save`` is False."""
+        text = normalize_description(description)
+        key = text.casefold()
+        self.items = [text] + [t for t in self.items if t.casefold() != key]
+        del self.items[self.limit :]
+        if save:
+            self.save()
+
+    def save(self) -> None:
+        """Write the list atomically (fsync: call it off the GUI thread); a failure only warns."""
+        from lsms_core._atomic import atomic_write_json
+
+        try:
+            atomic_write_json(self.path, {"descriptions": self.items})
+        except OSError as exc:
+            warnings.warn(f"could not save recent descriptions to {self.path}: {exc}", stacklevel=2)
+
+
+class SegmenterCache:
+    """Loads a :class:`lsms_core.infer.Segmenter` once per (model file, device); thread safe.
+
+    The key includes the file's modification time, so a model file replaced on disk is reloaded.
+    """
+
+    def __init__(self, batch_size: int = 8):
+        self.batch_size = batch_size
+        self._segmenters: dict[tuple, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, model_path: str | Path, device: str = "auto"):
+        from lsms_core.infer import Segmenter
+
+        path = Path(model_path).resolve()
+        key = (str(path), path.stat().st_mtime_ns if path.exists() else None, device)
+        with self._lock:
+            if key not in self._segmenters:
+                self._segmenters[key] = Segmenter(path, device=device, batch_size=self.batch_size)
+            return self._segmenters[key]
+
+    def __len__(self) -> int:
+        return len(self._segmenters)
+
+
+def image_problem(layer: Any) -> str | None:
+    """Why ``layer`` cannot be segmented, or None when it is a 3D grayscale Image layer."""
+    if layer is None:
+        return "no image layer: open a CT (File > Open, or File > Open Sample > LSMS sample) first"
+    if not isinstance(layer, Image):
+        return f"layer {layer.name!r} is not an Image layer; choose a CT image"
+    if layer.rgb:
+        return f"image {layer.name!r} is RGB; LSMS needs a grayscale CT volume in Hounsfield units"
+    if layer.ndim != 3:
+        return (
+            f"image {layer.name!r} has {layer.ndim} dimensions {tuple(layer.data.shape)}; LSMS needs a "
+            "3D CT volume (z, y, x)"
+        )
+    if layer.multiscale:
+        return f"image {layer.name!r} is multiscale; open the CT as a single-resolution volume"
+    return None
+
+
+@dataclass
+class SegmentRequest:
+    """Everything a segmentation job needs, gathered on the GUI thread."""
+
+    image: Image
+    volume: Any  # lsms_core.io.Volume
+    description: str
+    model_path: str
+    model_version: str
+    device: str
+    slices: tuple[int, int] | None
+
+
+@dataclass
+class LastResult:
+    """The last result merged into a Labels layer, kept for "Save correction"."""
+
+    image: Image
+    labels: Labels
+    description: str
+    label: int
+    model_mask: np.ndarray
+    model_version: str
+
+
+def _guarded(method):
+    """Qt slot wrapper: user errors become warnings, anything else an error notification."""
+
+    @functools.wraps(method)
+    def slot(self, *_signal_args):
+        try:
+            return method(self)
+        except UserInputError as exc:
+            notifications.show_warning(f"LSMS: {exc}")
+        except Exception as exc:  # noqa: BLE001 - never let an exception escape into Qt's event loop
+            notifications.show_error(f"LSMS: {type(exc).__name__}: {exc}")
+        return None
+
+    return slot
+
+
+class _ProgressRelay(QObject):
+    """Carries the Segmenter's progress callback (worker thread) to the GUI thread."""
+
+    progress = Signal(int, int)
+
+
+# ---------------------------------------------------------------------------------------------
+# The widget
+# ---------------------------------------------------------------------------------------------
+
+
+class SegmentWidget(QWidget):
+    """Dock widget: image, description, model, device, scope, CT window; Segment/Cancel; corrections."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.segmenters = SegmenterCache()
+        self.worker = None  # the running napari worker, if any
+        self.last_result: LastResult | None = None
+        self._cancel = threading.Event()
+        self._relay = _ProgressRelay()
+        self._relay.progress.connect(self._on_progress)
+        self._pbar = None
+        self.recent = RecentDescriptions(self._home() / "recent_descriptions.json")
+
+        self._build_ui()
+        self.viewer.layers.events.inserted.connect(self._on_layers_changed)
+        self.viewer.layers.events.removed.connect(self._on_layers_changed)
+        self.viewer.layers.events.reordered.connect(self._on_layers_changed)
+        for layer in self.viewer.layers:
+            layer.events.name.connect(self._refresh_images)
+        self._refresh_images()
+        self.refresh_models()
+        self._refresh_devices()
+        self._refresh_corrections_count()
+
+    # -- construction ------------------------------------------------------------------------
+
+    def _build_ui(self) -> None:
+        self.image_combo = QComboBox()
+        self.image_combo.currentIndexChanged.connect(self._on_image_changed)
+
+        self.description_edit = QLineEdit()
+        self.description_edit.setPlaceholderText("e.g. the largest hypodense lesion in the right lobe")
+        self.description_edit.returnPressed.connect(self.segment)
+        self._completion_model = QStringListModel()
+        completer = QCompleter(self._completion_model, self)
+        completer.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
+        completer.setFilterMode(Qt.MatchFlag.MatchContains)
+        self.description_edit.setCompleter(completer)
+        self.suggestions_button = QToolButton()
+        self.suggestions_button.setText("▾")
+        self.suggestions_button.setToolTip("Recent descriptions and the sample's expressions")
+        self.suggestions_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
+        self.suggestions_menu = QMenu(self.suggestions_button)
+        self.suggestions_button.setMenu(self.suggestions_menu)
+
+        self.model_combo = QComboBox()
+        self.model_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.model_combo.setMinimumContentsLength(18)
+        refresh_button = QToolButton()
+        refresh_button.setText("↻")
+        refresh_button.setToolTip("Refresh the list of models")
+        refresh_button.clicked.connect(self.refresh_models)
+        self.device_combo = QComboBox()
+
+        self.scope_combo = QComboBox()
+        self.scope_combo.addItems(SCOPES)
+        self.scope_combo.currentTextChanged.connect(self._on_scope_changed)
+        self.first_slice = QSpinBox()
+        self.last_slice = QSpinBox()
+        for spin in (self.first_slice, self.last_slice):
+            spin.setEnabled(False)
+
+        self.window_combo = QComboBox()
+        self.window_combo.addItems(list(WINDOW_PRESETS))
+        self.window_combo.setToolTip("Display contrast only; the model always sees its own HU window")
+        self.window_combo.currentTextChanged.connect(self._on_window_changed)
+
+        self.segment_button = QPushButton("Segment")
+        self.segment_button.clicked.connect(self.segment)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setTextVisible(True)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+
+        form = QFormLayout()
+        form.addRow("Image", self.image_combo)
+        form.addRow("Description", _row(self.description_edit, self.suggestions_button))
+        form.addRow("Model", _row(self.model_combo, refresh_button))
+        form.addRow("Device", self.device_combo)
+        form.addRow("Scope", self.scope_combo)
+        form.addRow("Slices", _row(self.first_slice, QLabel("to"), self.last_slice))
+        form.addRow("CT window", self.window_combo)
+
+        self.corrections_edit = QLineEdit(str(self._home() / "corrections"))
+        self.corrections_edit.editingFinished.connect(self._refresh_corrections_count)
+        browse = QToolButton()
+        browse.setText("…")
+        browse.setToolTip("Choose the corrections dataset folder")
+        browse.clicked.connect(self._browse_corrections)
+        self.corrections_count = QLabel("")
+        self.save_button = QPushButton("Save correction")
+        self.save_button.setToolTip("Save the edited mask of the last description (and the model's original) for fine-tuning")
+        self.save_button.clicked.connect(self.save_correction)
+        corrections = QGroupBox("Corrections")
+        corrections_layout = QFormLayout(corrections)
+        corrections_layout.addRow("Folder", _row(self.corrections_edit, browse))
+        corrections_layout.addRow("Records", self.corrections_count)
+        corrections_layout.addRow(self.save_button)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(_row(self.segment_button, self.cancel_button, as_layout=True))
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status_label)
+        layout.addWidget(corrections)
+        layout.addStretch(1)
+
+    @staticmethod
+    def _home() -> Path:
+        from lsms_core.checkpoint import models_home
+
+        return Path(models_home())
+
+    # -- public API ----------------------------------------------------------------------------
+
+    @property
+    def is_running(self) -> bool:
+        return self.worker is not None
+
+    def set_description(self, text: str) -> None:
+        self.description_edit.setText(text)
+
+    def selected_image(self) -> Image | None:
+        name = self.image_combo.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def select_model(self, path: str | Path) -> bool:
+        """Choose the model whose file is ``path``; False when it is not in the list."""
+        index = self.model_combo.findData(str(Path(path).resolve()))
+        if index >= 0:
+            self.model_combo.setCurrentIndex(index)
+        return index >= 0
+
+    def refresh_models(self, *_signal_args) -> None:
+        """Re-list the models (default, user models, fine-tuned versions), keeping the selection."""
+        previous = self.model_combo.currentData()
+        self.model_combo.clear()
+        try:
+            from lsms_core.checkpoint import list_models
+
+            entries = list_models()
+        except Exception as exc:  # noqa: BLE001 - a broken registry must not break the widget
+            entries = []
+            notifications.show_warning(f"LSMS: could not list models: {exc}")
+        for entry in entries:
+            self.model_combo.addItem(entry.label + (" - default" if entry.is_default else ""), str(Path(entry.path).resolve()))
+            self.model_combo.setItemData(self.model_combo.count() - 1, _model_tooltip(entry), Qt.ItemDataRole.ToolTipRole)
+            self.model_combo.setItemData(self.model_combo.count() - 1, str(entry.version), Qt.ItemDataRole.UserRole + 1)
+        if not entries:
+            self.model_combo.addItem("no model found (train one with `lsms train`)", None)
+            return
+        index = self.model_combo.findData(previous) if previous else -1
+        if index < 0:
+            index = next((i for i, e in enumerate(entries) if e.is_default), 0)
+        self.model_combo.setCurrentIndex(index)
+
+    @_guarded
+    def segment(self):
+        """Start segmenting the current description; returns the worker (None when refused)."""
+        if self.is_running:
+            raise UserInputError("a segmentation is already running; wait for it or press Cancel")
+        request = self._make_request()
+        self._check_target_labels(request.image)
+        self.recent.add(request.description, save=False)  # saved by the job, off the GUI thread
+        self._refresh_suggestions()
+
+        self._cancel.clear()
+        worker = create_worker(
+            self._run_job,
+            request,
+            _progress={"desc": f"LSMS: {request.description[:40]}"},
+            _ignore_errors=True,
+        )
+        self._pbar = getattr(worker, "pbar", None)
+        worker.returned.connect(functools.partial(self._on_returned, request))
+        worker.errored.connect(self._on_errored)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        self._set_running(True, f"Segmenting {request.image.name!r}: {request.description!r} ...")
+        worker.start()
+        return worker
+
+    def cancel(self, *_signal_args) -> None:
+        """Ask the running segmentation to stop after its current batch."""
+        if self.is_running:
+            self._cancel.set()
+            self.status_label.setText("Cancelling ...")
+
+    @_guarded
+    def save_correction(self):
+        """Save the current Labels of the last description, with the model's original mask."""
+        last = self.last_result
+        if last is None:
+            raise UserInputError("nothing to save: segment a lesion first, then correct its label")
+        if last.labels not in self.viewer.layers or last.image not in self.viewer.layers:
+            raise UserInputError("the image or the labels of the last result were closed; segment again")
+        if last.labels.data.shape != last.model_mask.shape:
+            raise UserInputError(f"Labels layer {last.labels.name!r} changed shape since the segmentation")
+        root = Path(self.corrections_edit.text().strip() or self._home() / "corrections")
+        volume, _ = volume_for_layer_data(last.image.data, last.image.metadata, last.image.scale, last.image.translate)
+        corrected = (np.asarray(last.labels.data) == last.label).astype(np.uint8)
+        image_ref = (last.image.metadata.get(GEOMETRY_KEY) or {}).get("path") or last.image.name
+
+        def save():
+            from lsms_core.data.corrections import CorrectionsDataset
+
+            dataset = CorrectionsDataset(root)
+            record = dataset.add(
+                volume,
+                last.description,
+                last.model_mask,
+                corrected,
+                model_version=last.model_version,
+                image_ref=image_ref,
+            )
+            return record, len(dataset)
+
+        worker = create_worker(save, _ignore_errors=True)
+        worker.returned.connect(self._on_saved)
+        worker.errored.connect(lambda exc: notifications.show_error(f"LSMS: could not save the correction: {exc}"))
+        worker.finished.connect(lambda: self.save_button.setEnabled(True))
+        self.save_button.setEnabled(False)
+        self.save_worker = worker
+        worker.start()
+        return worker
+
+    # -- building a request (GUI thread) ----------------------------------------------------------
+
+    def _make_request(self) -> SegmentRequest:
+        image = self.selected_image()
+        problem = image_problem(image)
+        if problem:
+            raise UserInputError(problem)
+        description = normalize_description(self.description_edit.text())
+        if not description:
+            raise UserInputError("type a description of the lesion first, e.g. 'the largest lesion in the right lobe'")
+        model_path = self.model_combo.currentData()
+        if not model_path:
+            raise UserInputError("no model available: train one with `lsms train` or pick one with ↻ after installing it")
+        volume, exact = volume_for_layer_data(
+            np.asarray(image.data), image.metadata, image.scale, image.translate
+        )
+        if not exact:
+            notifications.show_warning(
+                f"LSMS: image {image.name!r} was not opened with napari-lsms; its orientation is unknown and "
+                "is assumed to be LPS (x to the patient's left, y posterior). Open the file with napari-lsms "
+                "for reliable left/right."
+            )
+        return SegmentRequest(
+            image=image,
+            volume=volume,
+            description=description,
+            model_path=model_path,
+            model_version=self.model_combo.currentData(Qt.ItemDataRole.UserRole + 1) or "",
+            device=self.device_combo.currentText() or "auto",
+            slices=self._slice_range(image),
+        )
+
+    def _slice_range(self, image: Image) -> tuple[int, int] | None:
+        scope = self.scope_combo.currentText()
+        depth = image.data.shape[0]
+        if scope == "current slice":
+            z = int(round(image.world_to_data(self.viewer.dims.point)[0]))
+            z = min(max(z, 0), depth - 1)
+            return (z, z + 1)
+        if scope == "slice range":
+            first, last = self.first_slice.value(), self.last_slice.value()
+            if first > last:
+                raise UserInputError(f"slice range {first} to {last} is empty: the first slice must not exceed the last")
+            return (first, min(last, depth - 1) + 1)
+        return None
+
+    def _target_labels(self, image: Image) -> Labels | None:
+        """The Labels layer holding results for ``image`` (linked by metadata), if any."""
+        for layer in self.viewer.layers:
+            if isinstance(layer, Labels) and layer.metadata.get(SOURCE_IMAGE_KEY) == image.name:
+                return layer
+        return None
+
+    def _check_target_labels(self, image: Image) -> None:
+        labels = self._target_labels(image)
+        if labels is not None and tuple(labels.data.shape) != tuple(image.data.shape):
+            raise UserInputError(
+                f"Labels layer {labels.name!r} has shape {tuple(labels.data.shape)} but image {image.name!r} has "
+                f"{tuple(image.data.shape)}; delete or rename that layer, then segment again"
+            )
+
+    # -- the job (worker thread) ---------------------------------------------------------------
+
+    def _run_job(self, request: SegmentRequest):
+        self.recent.save()
+        try:
+            segmenter = self.segmenters.get(request.model_path, request.device)
+        except Exception as exc:
+            raise RuntimeError(f"could not load model {request.model_path}: {exc}") from exc
+        if self._cancel.is_set():
+            return None
+        return segmenter.segment(
+            request.volume,
+            request.description,
+            slices=request.slices,
+            progress=self._relay.progress.emit,
+            should_cancel=self._cancel.is_set,
+        )
+
+    # -- results (GUI thread) --------------------------------------------------------------------
+
+    def _on_progress(self, done: int, total: int) -> None:
+        self.progress_bar.setMaximum(max(total, 1))
+        self.progress_bar.setValue(done)
+        if self._pbar is not None:
+            if self._pbar.total != total:
+                self._pbar.total = total
+            if done > self._pbar.n:
+                self._pbar.update(done - self._pbar.n)
+
+    def _on_returned(self, request: SegmentRequest, result) -> None:
+        try:
+            self._merge_result(request, result)
+        except UserInputError as exc:
+            notifications.show_warning(f"LSMS: {exc}")
+        except Exception as exc:  # noqa: BLE001 - never let an exception escape into Qt's event loop
+            notifications.show_error(f"LSMS: could not show the result: {type(exc).__name__}: {exc}")
+
+    def _merge_result(self, request: SegmentRequest, result) -> None:
+        image, description = request.image, request.description
+        if result is None or result.cancelled:
+            self.status_label.setText("Cancelled; nothing was changed.")
+            notifications.show_info("LSMS: segmentation cancelled; nothing was changed")
+            return
+        mask = np.asarray(result.mask)
+        if not result.found or not mask.any():
+            self.status_label.setText(f"Not found: {description!r}")
+            notifications.show_warning(
+                f"LSMS: no lesion matching {description!r} was found in {image.name!r}; "
+                "try other words, another scope or another model"
+            )
+            return
+        if image not in self.viewer.layers:
+            raise UserInputError(f"image {image.name!r} was closed during the segmentation; nothing was added")
+        self._check_target_labels(image)
+        labels = self._target_labels(image)
+        if labels is None:
+            labels = self._new_labels(image)
+        book = LabelBook(labels.features)
+        label = book.label_for(description, taken=[int(np.max(labels.data))])
+        data = labels.data
+        if label > np.iinfo(data.dtype).max:
+            data = data.astype(np.uint32)
+        voxels = merge_mask(data, mask, label, request.slices)
+        labels.data = data
+        volume_ml = voxels * voxel_volume_ml(request.volume.spacing)
+        model_version = str(getattr(result, "model_version", None) or request.model_version)
+        book.record(
+            description, label, model_version=model_version, voxels=voxels, volume_ml=volume_ml, found=True
+        )
+        labels.features = book.to_features()
+        labels.selected_label = label
+        labels.refresh()
+        self.last_result = LastResult(image, labels, description, label, mask.astype(np.uint8), model_version)
+        self.status_label.setText(f"Label {label}: {description!r} - {voxels} voxels, {volume_ml:.1f} ml")
+
+    def _new_labels(self, image: Image) -> Labels:
+        kwargs = {"scale": image.scale, "translate": image.translate, "rotate": image.rotate, "metadata": {}}
+        geometry = image.metadata.get(GEOMETRY_KEY)
+        if geometry:
+            kwargs["metadata"][GEOMETRY_KEY] = dict(geometry)
+        else:
+            volume, _ = volume_for_layer_data(image.data, None, image.scale, image.translate)
+            kwargs = spatial_kwargs(volume)
+        kwargs["metadata"][SOURCE_IMAGE_KEY] = image.name
+        data = np.zeros(image.data.shape, dtype=np.uint8)
+        return self.viewer.add_labels(data, name=LABELS_NAME, opacity=0.6, **kwargs)
+
+    def _on_errored(self, exc: BaseException) -> None:
+        self.status_label.setText(f"Failed: {exc}")
+        notifications.show_error(f"LSMS: segmentation failed: {exc}")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self._pbar = None
+        self._set_running(False)
+
+    def _on_saved(self, payload) -> None:
+        record, count = payload
+        self.corrections_count.setText(str(count))
+        changed = record.get("changed_voxels", "?") if isinstance(record, dict) else "?"
+        notifications.show_info(f"LSMS: correction saved ({changed} voxels changed); {count} records in the dataset")
+
+    # -- small UI reactions ------------------------------------------------------------------------
+
+    def _set_running(self, running: bool, message: str | None = None) -> None:
+        self.segment_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+        if running:
+            self.progress_bar.setRange(0, 0)  # busy until the first batch reports
+        elif self.progress_bar.maximum() == 0:  # ended before any progress (cancelled, failed)
+            self.progress_bar.setRange(0, 1)
+            self.progress_bar.setValue(0)
+        if message is not None:
+            self.status_label.setText(message)
+
+    def _on_layers_changed(self, event=None) -> None:
+        if event is not None and getattr(event, "type", "") == "inserted":
+            event.value.events.name.connect(self._refresh_images)
+        self._refresh_images()
+
+    def _refresh_images(self, *_args) -> None:
+        current = self.image_combo.currentText()
+        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
+        self.image_combo.addItems(names)
+        if current in names:
+            self.image_combo.setCurrentText(current)
+        else:  # prefer a 3D grayscale image
+            good = [n for n in names if image_problem(self.viewer.layers[n]) is None]
+            if good:
+                self.image_combo.setCurrentText(good[0])
+        self.image_combo.blockSignals(False)
+        self._on_image_changed()
+
+    def _on_image_changed(self, *_args) -> None:
+        image = self.selected_image()
+        depth = image.data.shape[0] if image is not None and image.ndim >= 3 else 1
+        for spin in (self.first_slice, self.last_slice):
+            spin.setRange(0, max(depth - 1, 0))
+        self.last_slice.setValue(max(depth - 1, 0))
+        self._refresh_suggestions()
+
+    def _on_scope_changed(self, scope: str) -> None:
+        for spin in (self.first_slice, self.last_slice):
+            spin.setEnabled(scope == "slice range")
+
+    @_guarded
+    def _on_window_changed(self):
+        image = self.selected_image()
+        if image is None or image_problem(image):
+            return
+        image.contrast_limits = level_width_to_range(*WINDOW_PRESETS[self.window_combo.currentText()])
+
+    def _refresh_suggestions(self) -> None:
+        image = self.selected_image()
+        sample = list((image.metadata.get(EXPRESSIONS_KEY) or []) if image is not None else [])
+        recent = list(self.recent.items)
+        self._completion_model.setStringList(list(dict.fromkeys(recent + sample)))
+        self.suggestions_menu.clear()
+        for title, texts in (("Recent", recent), ("Sample expressions", sample)):
+            if not texts:
+                continue
+            self.suggestions_menu.addSection(title)
+            for text in texts:
+                self.suggestions_menu.addAction(text, functools.partial(self.set_description, text))
+        self.suggestions_button.setEnabled(bool(recent or sample))
+
+    def _refresh_devices(self) -> None:
+        try:
+            from lsms_core.infer import available_devices
+
+            devices = list(available_devices())
+        except Exception:  # noqa: BLE001 - the picker still offers "auto"
+            devices = []
+        self.device_combo.clear()
+        self.device_combo.addItems(["auto", *[d for d in devices if d != "auto"]])
+
+    def _refresh_corrections_count(self) -> None:
+        root = Path(self.corrections_edit.text().strip())
+        count = 0
+        if (root / "expressions.jsonl").exists():
+            try:
+                from lsms_core.data.corrections import CorrectionsDataset
+
+                count = len(CorrectionsDataset(root))
+            except Exception as exc:  # noqa: BLE001
+                self.corrections_count.setText(f"unreadable: {exc}")
+                return
+        self.corrections_count.setText(str(count))
+
+    def _browse_corrections(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Corrections dataset folder", self.corrections_edit.text())
+        if folder:
+            self.corrections_edit.setText(folder)
+            self._refresh_corrections_count()
+
+
+def _row(*widgets, as_layout: bool = False):
+    """Widgets side by side (a QWidget for form rows, or the bare layout)."""
+    layout = QHBoxLayout()
+    layout.setContentsMargins(0, 0, 0, 0)
+    for i, w in enumerate(widgets):
+        layout.addWidget(w, 1 if i == 0 else 0)
+    if as_layout:
+        return layout
+    holder = QWidget()
+    holder.setLayout(layout)
+    return holder
+
+
+def _model_tooltip(entry) -> str:
+    metrics = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in (entry.metrics or {}).items())
+    return f"{entry.path}\ncreated {entry.created}\n{metrics}".strip()

@@ -1,0 +1,369 @@
+"""The segment widget, end to end with a tiny model, and its Qt-free helpers."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import numpy as np
+import pytest
+
+from lsms_core.intensity import WINDOW_PRESETS, level_width_to_range
+from napari_lsms._reader import EXPRESSIONS_KEY, GEOMETRY_KEY, read_ct
+from napari_lsms._widget import LABELS_NAME, SOURCE_IMAGE_KEY, LabelBook, RecentDescriptions, merge_mask
+
+WAIT_MS = 60_000
+FIRST = "the large hypodense lesion in the right lobe"
+SECOND = "the small cyst in the left lobe"
+
+# ---------------------------------------------------------------------------------------------
+# Qt-free helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_label_book_gives_one_id_per_description():
+    book = LabelBook()
+    assert book.label_for(FIRST) == 1
+    book.record(FIRST, 1, model_version="v1", voxels=10, volume_ml=0.5, found=True)
+    assert book.label_for("  The large  hypodense lesion in the RIGHT lobe ") == 1  # same words
+    assert book.label_for(SECOND) == 2
+    assert book.label_for(SECOND, taken=[7]) == 8  # never reuse an id painted by hand
+    book.record(SECOND, 2, model_version="v1", voxels=3, volume_ml=0.1, found=True)
+
+    features = book.to_features()
+    assert list(features["label"]) == [1, 2] and list(features["index"]) == [1, 2]
+    assert list(features["description"]) == [FIRST, SECOND]
+    reloaded = LabelBook(features)  # the layer's features table is the book's memory
+    assert reloaded.label_for(SECOND) == 2 and reloaded.label_for("another one") == 3
+    assert reloaded.description_of(1) == FIRST
+
+
+def test_merge_mask_replaces_only_its_label_within_the_range():
+    labels = np.zeros((4, 3, 3), dtype=np.uint8)
+    labels[:, 0, 0] = 1
+    labels[:, 2, 2] = 2
+    mask = np.zeros_like(labels)
+    mask[1:3, 1, 1] = 1
+    voxels = merge_mask(labels, mask, 1, slices=(1, 3))
+    assert labels[0, 0, 0] == 1 and labels[3, 0, 0] == 1  # outside the range: kept
+    assert labels[1, 0, 0] == 0 and labels[1, 1, 1] == 1  # inside: replaced by the new result
+    assert (labels[:, 2, 2] == 2).all()
+    assert voxels == np.count_nonzero(labels == 1) == 4
+
+
+def test_recent_descriptions_persist(tmp_path):
+    path = tmp_path / "recent.json"
+    recent = RecentDescriptions(path, limit=2)
+    recent.add(FIRST)
+    recent.add(SECOND)
+    recent.add(FIRST.upper())  # same description: moves to the front, no duplicate
+    assert [t.casefold() for t in RecentDescriptions(path).items] == [FIRST, SECOND]
+    recent.add("a third one")
+    assert len(RecentDescriptions(path).items) == 2
+    path.write_text("{broken")
+    with pytest.warns(UserWarning, match="unreadable"):
+        assert RecentDescriptions(path).items == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The widget
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def lsms_home(tmp_path, monkeypatch):
+    home = tmp_path / "lsms_home"
+    monkeypatch.setenv("LSMS_HOME", str(home))
+    return home
+
+
+def _biased_model(config, present: bool):
+    """A tiny LSMS whose mask and presence heads are biased to always (or never) answer "here".
+
+    Random tiny weights answer unpredictably; a strong bias makes the model's answer known (the
+    whole body in the segmented slices, or nothing) while everything else stays the real model.
+    """
+    import torch
+
+    from lsms_core.model import LSMS
+
+    model = LSMS(config)
+    bias = 12.0 if present else -12.0
+    with torch.no_grad():
+        for head in (model.decoder.heads[0], model.presence_head.mlp[-1]):
+            head.weight.zero_()
+            head.bias.fill_(bias)
+    return model.eval()
+
+
+@pytest.fixture()
+def model_path(lsms_home, tiny_config):
+    from lsms_core.checkpoint import save_model
+
+    return save_model(_biased_model(tiny_config, True), lsms_home / "models" / "tiny.safetensors", version="t1")
+
+
+@pytest.fixture()
+def absent_model_path(lsms_home, tiny_config):
+    from lsms_core.checkpoint import save_model
+
+    return save_model(_biased_model(tiny_config, False), lsms_home / "models" / "never.safetensors", version="t0")
+
+
+@pytest.fixture()
+def ct_path(tmp_path):
+    """A synthetic abdomen (8 x 40 x 48, body ellipse in air) in RAS orientation, as NIfTI."""
+    from lsms_core.io import Volume, write_volume
+
+    z, y, x = np.mgrid[0:8, 0:40, 0:48]
+    array = np.full((8, 40, 48), -1000, dtype=np.int16)
+    array[((y - 20) / 16) ** 2 + ((x - 24) / 20) ** 2 < 1] = 40
+    array[(z > 2) & ((y - 18) ** 2 + (x - 16) ** 2 < 16)] = -20
+    ras = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)
+    volume = Volume(array, spacing=(1.5, 1.5, 3.0), origin=(40.0, 30.0, -50.0), direction=ras)
+    path = tmp_path / "synthetic_ct.nii.gz"
+    write_volume(path, array, like=volume)
+    return path
+
+
+@pytest.fixture()
+def notes(monkeypatch):
+    """Capture napari notifications as (level, message) pairs."""
+    from napari.utils import notifications
+
+    captured: list[tuple[str, str]] = []
+    for level in ("info", "warning", "error"):
+        monkeypatch.setattr(notifications, f"show_{level}", lambda msg, _lvl=level: captured.append((_lvl, msg)))
+    return captured
+
+
+def _viewer_with_ct(make_napari_viewer, ct_path):
+    viewer = make_napari_viewer()
+    [(data, kwargs, _)] = read_ct(str(ct_path))
+    image = viewer.add_image(data, **kwargs)
+    return viewer, image
+
+
+def _widget(viewer, model_path):
+    from napari_lsms._widget import SegmentWidget
+
+    widget = SegmentWidget(viewer)
+    assert widget.select_model(model_path)
+    return widget
+
+
+def _run(qtbot, widget, description, scope="all slices", first=0, last=0):
+    widget.set_description(description)
+    widget.scope_combo.setCurrentText(scope)
+    widget.first_slice.setValue(first)
+    widget.last_slice.setValue(last)
+    worker = widget.segment()
+    assert worker is not None
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=WAIT_MS)
+    return worker
+
+
+def test_segment_makes_labels_with_one_id_per_description(make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes):
+    from qtpy.QtCore import Qt
+
+    from lsms_core.infer import Segmenter
+    from lsms_core.io import read_volume
+
+    viewer, image = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, model_path)
+    assert widget.device_combo.itemText(0) == "auto" and widget.device_combo.findText("cpu") >= 0
+
+    # Enter in the description box runs the segmentation (slices 0..2 only)
+    widget.scope_combo.setCurrentText("slice range")
+    widget.first_slice.setValue(0)
+    widget.last_slice.setValue(2)
+    widget.set_description(FIRST)
+    qtbot.keyClick(widget.description_edit, Qt.Key.Key_Return)
+    assert widget.is_running
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=WAIT_MS)
+    assert not [n for n in notes if n[0] == "error"], notes
+
+    labels = viewer.layers[LABELS_NAME]
+    assert labels.scale == pytest.approx(image.scale) and labels.translate == pytest.approx(image.translate)
+    np.testing.assert_allclose(labels.rotate, image.rotate)
+    assert np.diag(image.rotate).tolist() == [1, -1, -1]  # the RAS CT is shown the radiological way
+    assert labels.metadata[GEOMETRY_KEY] == image.metadata[GEOMETRY_KEY]
+    assert labels.metadata[SOURCE_IMAGE_KEY] == image.name
+    volume = read_volume(ct_path)
+    expected = Segmenter(model_path, device="cpu").segment(volume, FIRST, slices=(0, 3)).mask
+    assert expected.any() and not expected[3:].any()
+    np.testing.assert_array_equal(labels.data == 1, expected > 0)
+    row = labels.features.iloc[0]
+    assert (row["label"], row["description"], row["model_version"], bool(row["found"])) == (1, FIRST, "t1", True)
+    assert row["voxels"] == np.count_nonzero(expected)
+    assert row["volume_ml"] == pytest.approx(row["voxels"] * 1.5 * 1.5 * 3.0 / 1000)
+    datetime.fromisoformat(row["time"])
+
+    # a second description gets id 2 and leaves label 1 alone
+    _run(qtbot, widget, SECOND, "slice range", 5, 6)
+    assert list(labels.features["label"]) == [1, 2]
+    np.testing.assert_array_equal(labels.data == 1, expected > 0)
+    assert (labels.data[5:7] == 2).any() and not (labels.data[:5] == 2).any()
+
+    # re-running the first description (current slice) reuses id 1
+    viewer.dims.set_point(0, image.data_to_world((4, 0, 0))[0])
+    _run(qtbot, widget, FIRST.upper(), "current slice")
+    assert list(labels.features["label"]) == [1, 2]
+    assert (labels.data[4] == 1).any() and (labels.data[0] == 1).any()
+    assert len(widget.segmenters) == 1  # the model was loaded once
+
+    # the descriptions are remembered across sessions
+    saved = json.loads((lsms_home / "recent_descriptions.json").read_text())["descriptions"]
+    assert [t.casefold() for t in saved] == [FIRST, SECOND]
+    from napari_lsms._widget import SegmentWidget
+
+    assert SECOND in SegmentWidget(viewer)._completion_model.stringList()
+
+
+def test_cancel_leaves_the_labels_unchanged(make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes):
+    viewer, _ = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, model_path)
+    _run(qtbot, widget, FIRST, "slice range", 0, 1)
+    labels = viewer.layers[LABELS_NAME]
+    before_data, before_features = labels.data.copy(), labels.features.copy()
+
+    widget.set_description(SECOND)
+    widget.scope_combo.setCurrentText("all slices")
+    results = []
+    worker = widget.segment()
+    worker.returned.connect(results.append)
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=WAIT_MS)
+    assert results and (results[0] is None or results[0].cancelled)
+    np.testing.assert_array_equal(labels.data, before_data)
+    assert labels.features.equals(before_features)
+    assert any(level == "info" and "cancelled" in msg for level, msg in notes)
+    assert widget.segment_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_not_found_says_so_and_adds_no_layer(make_napari_viewer, qtbot, lsms_home, absent_model_path, ct_path, notes):
+    viewer, _ = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, absent_model_path)
+    _run(qtbot, widget, FIRST)
+    assert LABELS_NAME not in viewer.layers
+    assert any(level == "warning" and "no lesion matching" in msg for level, msg in notes)
+
+
+def test_bad_inputs_give_notifications(make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes):
+    from napari_lsms._widget import SegmentWidget
+
+    viewer = make_napari_viewer()
+    widget = SegmentWidget(viewer)
+    widget.set_description(FIRST)
+
+    def last_warning_after(action):
+        notes.clear()
+        assert action() is None  # refused: no worker
+        assert not widget.is_running
+        assert notes and notes[-1][0] == "warning", notes
+        return notes[-1][1]
+
+    assert "no image layer" in last_warning_after(widget.segment)
+    viewer.add_image(np.zeros((20, 20)), name="flat")
+    assert "3D CT volume" in last_warning_after(widget.segment)
+    viewer.add_image(np.zeros((5, 20, 20, 3), dtype=np.uint8), name="photo", rgb=True)
+    widget.image_combo.setCurrentText("photo")
+    assert "RGB" in last_warning_after(widget.segment)
+
+    [(data, kwargs, _)] = read_ct(str(ct_path))
+    image = viewer.add_image(data, **kwargs)
+    widget.image_combo.setCurrentText(image.name)
+    widget.set_description("   ")
+    assert "type a description" in last_warning_after(widget.segment)
+    widget.set_description(FIRST)
+    assert "no model" in last_warning_after(lambda: (widget.model_combo.clear(), widget.segment())[1])
+    widget.refresh_models()
+    assert widget.select_model(model_path)
+
+    wrong = viewer.add_labels(np.zeros((2, 2, 2), np.uint8), name="old result", metadata={SOURCE_IMAGE_KEY: image.name})
+    assert "has shape" in last_warning_after(widget.segment)
+    viewer.layers.remove(wrong)
+
+    # a model that fails to load: an error notification, no layer, the widget ready again
+    model_path.unlink()
+    notes.clear()
+    assert widget.segment() is not None
+    qtbot.waitUntil(lambda: not widget.is_running, timeout=WAIT_MS)
+    assert any(level == "error" and "could not load model" in msg for level, msg in notes), notes
+    assert LABELS_NAME not in viewer.layers and widget.segment_button.isEnabled()
+
+
+def test_window_presets_change_only_the_display(make_napari_viewer, lsms_home, model_path, ct_path):
+    viewer, image = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, model_path)
+    data = image.data.copy()
+    widget.window_combo.setCurrentText("lung")
+    assert tuple(image.contrast_limits) == pytest.approx(level_width_to_range(*WINDOW_PRESETS["lung"]))
+    np.testing.assert_array_equal(image.data, data)
+
+
+def test_models_and_suggestions_refresh(make_napari_viewer, lsms_home, model_path, tiny_config, ct_path):
+    from lsms_core.checkpoint import save_model
+
+    viewer, image = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, model_path)
+    newer = save_model(_biased_model(tiny_config, True), lsms_home / "models" / "ft" / "model.safetensors", version="t2")
+    assert widget.model_combo.findData(str(newer.resolve())) < 0
+    widget.refresh_models()
+    assert widget.model_combo.findData(str(newer.resolve())) >= 0
+    assert widget.model_combo.currentData() == str(model_path.resolve())  # the selection is kept
+
+    image.metadata = {**image.metadata, EXPRESSIONS_KEY: ["the lesion in segment vii"]}
+    widget._refresh_suggestions()
+    assert "the lesion in segment vii" in widget._completion_model.stringList()
+    assert "the lesion in segment vii" in [a.text() for a in widget.suggestions_menu.actions()]
+
+
+def test_save_correction_keeps_model_and_corrected_masks(make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes):
+    from lsms_core.data.corrections import CorrectionsDataset
+    from lsms_core.io import read_volume
+
+    viewer, _ = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, model_path)
+    notes.clear()
+    widget.save_correction()
+    assert notes and "segment a lesion first" in notes[-1][1]
+
+    _run(qtbot, widget, FIRST, "slice range", 2, 3)
+    labels = viewer.layers[LABELS_NAME]
+    model_mask = labels.data == 1
+    erased = np.zeros_like(model_mask)
+    erased[2, :10] = model_mask[2, :10]
+    labels.data[erased] = 0  # the user erases part of the answer
+
+    root = lsms_home / "corrections"
+    assert widget.corrections_edit.text() == str(root)
+    worker = widget.save_correction()
+    with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
+        pass
+    dataset = CorrectionsDataset(root)
+    [record] = dataset.records()
+    assert record["expression"] == FIRST and record["model_version"] == "t1"
+    assert record["changed_voxels"] == np.count_nonzero(erased) > 0
+    np.testing.assert_array_equal(read_volume(root / record["model_mask"]).array, model_mask)
+    np.testing.assert_array_equal(read_volume(root / record["mask"]).array, labels.data == 1)
+    assert widget.corrections_count.text() == "1"
+
+
+def test_main_opens_a_ct_with_the_widgets_docked(qtbot, lsms_home, model_path, ct_path, notes):
+    from lsms_core.checkpoint import default_model_path
+    from napari_lsms._main import launch
+
+    viewer, widget = launch(["--image", str(ct_path), "--text", SECOND], show=False)
+    try:
+        assert widget.selected_image() is not None and widget.selected_image().ndim == 3
+        assert widget.description_edit.text() == SECOND
+        docked = list(viewer.window.dock_widgets.values())
+        assert widget in docked
+        assert any(type(w).__name__ == "FineTuneWidget" for w in docked), docked
+        if default_model_path().is_file():
+            assert widget.model_combo.currentData() == str(default_model_path().resolve())
+        else:
+            assert any(level == "warning" and "default model is missing" in msg for level, msg in notes), notes
+    finally:
+        viewer.close()
