@@ -1,0 +1,315 @@
+"""Corrections dataset: fine-tuning records written by the napari plugin.
+
+When a user fixes a mask the model produced and presses "Save correction", the plugin calls
+:meth:`CorrectionsDataset.add`. The folder it writes **is a dataset in the LSMS dataset format**
+(``docs/data.md``), so ``lsms train --data <folder>`` trains on it directly::
+
+    corrections/
+      dataset.json                      {"format": "lsms-dataset", "name": "corrections", "source": "correction", ...}
+      cases/<hash16>/image.nii.gz       the CT, stored once per content hash
+      cases/<hash16>/lesions.nii.gz     empty instance map (records carry their own masks)
+      cases/<hash16>/masks/<id>_model.nii.gz      what the model produced
+      cases/<hash16>/masks/<id>_corrected.nii.gz  what the user corrected it to (the target)
+      expressions.jsonl                 one record per correction, its "mask" the corrected mask
+      splits.json                       deterministic case-level train/val assignment
+
+Splits are case-level, as everywhere in the dataset format: all corrections of one image are either
+trained on or held out, so the before/after figures on the held-out corrections never score an
+image the model was fine-tuned on.
+
+Every write is atomic (temporary file + ``os.replace`` via :mod:`lsms_core._atomic`) and nothing
+is ever overwritten: record ids are unique, an image already stored is reused, and
+``expressions.jsonl`` is rewritten with the previous lines kept byte-identical. A crash at any
+point therefore leaves a dataset that opens and holds every record written before; at worst a few
+unreferenced mask files remain.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from lsms_core._atomic import atomic_write_bytes
+
+if TYPE_CHECKING:  # SimpleITK is heavy: lsms_core.io is imported only when something is written
+    from lsms_core.io import Volume
+
+#: Fraction of cases (images) held out for validation (assigned by a hash of the case id).
+VAL_FRACTION = 0.2
+
+DATASET_NAME = "corrections"
+SOURCE = "correction"
+
+
+def volume_sha256(image: Volume) -> str:
+    """SHA-256 of a volume's voxels (dtype, shape, bytes) and geometry (spacing, origin, direction)."""
+    array = np.ascontiguousarray(image.array)
+    digest = hashlib.sha256()
+    header = {
+        "dtype": array.dtype.str,
+        "shape": list(array.shape),
+        "spacing": [round(float(v), 6) for v in image.spacing],
+        "origin": [round(float(v), 6) for v in image.origin],
+        "direction": [round(float(v), 6) for v in image.direction],
+    }
+    digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
+    digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _hash_key(case_id: str) -> bytes:
+    return hashlib.sha256(case_id.encode("utf-8")).digest()
+
+
+def assign_splits(case_ids: list[str]) -> dict[str, list[str]]:
+    """Split case ids into ``{"train": [...], "val": [...], "test": []}``, deterministically.
+
+    A case goes to val when its hash falls in the lowest ``VAL_FRACTION``, independently of the
+    other cases, so adding cases never moves an existing one. Once there are at least two cases,
+    at least one is held out (the one with the smallest hash) and at least one trains (the largest).
+    """
+    ids = sorted(set(case_ids))
+    val = {case for case in ids if int.from_bytes(_hash_key(case)[:4], "big") / 2**32 < VAL_FRACTION}
+    if len(ids) >= 2:
+        ranked = sorted(ids, key=_hash_key)
+        if not val:
+            val = {ranked[0]}
+        val.discard(ranked[-1])
+    return {"train": [c for c in ids if c not in val], "val": [c for c in ids if c in val], "test": []}
+
+
+class CorrectionsDataset:
+    """A growing dataset of user corrections in the LSMS dataset format.
+
+    Args:
+        root: the dataset folder; created with its ``dataset.json`` on the first :meth:`add`.
+
+    Example::
+
+        ds = CorrectionsDataset(models_home() / "corrections")
+        ds.add(volume, "the large lesion in segment VII", model_mask, corrected_mask,
+               model_version="lsms-base-1")
+        len(ds)  # -> 1
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+
+    # ------------------------------------------------------------------ reading
+
+    @property
+    def expressions_path(self) -> Path:
+        return self.root / "expressions.jsonl"
+
+    def records(self) -> list[dict]:
+        """All records in the order they were added (an empty list before the first one).
+
+        Read through :class:`~lsms_core.data.dataset.ReferringDataset`, so a damaged folder fails
+        with the same clear errors as training would.
+        """
+        from lsms_core.data.dataset import ReferringDataset
+
+        if not (self.root / "dataset.json").exists():
+            return []
+        return ReferringDataset(self.root).expressions()
+
+    def __len__(self) -> int:
+        return len(self.records())
+
+    def splits(self) -> dict[str, list[str]]:
+        """The case-level train/val assignment of the images that have records."""
+        return assign_splits([record["case"] for record in self.records()])
+
+    def split_records(self, split: str) -> list[dict]:
+        """The records whose image is in ``split`` (``"train"`` or ``"val"``)."""
+        cases = set(self.splits()[split])
+        return [record for record in self.records() if record["case"] in cases]
+
+    def __repr__(self) -> str:
+        return f"CorrectionsDataset(root={str(self.root)!r}, records={len(self)})"
+
+    # ------------------------------------------------------------------ writing
+
+    def check_writable(self) -> None:
+        """Raise ``ValueError`` unless files can be created in :attr:`root` (creating it if needed).
+
+        Checks permissions with ``os.access`` and then by creating and removing a probe file, so
+        that read-only mounts and permission problems are reported before anything is written.
+        """
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ValueError(
+                f"corrections folder {self.root}: {existing} is a file, not a folder; "
+                "choose another corrections folder"
+            )
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"corrections folder {self.root}: no write permission in {existing}; "
+                "choose a folder you can write to (e.g. set LSMS_HOME) or fix its permissions"
+            )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=self.root)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise ValueError(
+                f"corrections folder {self.root}: cannot write there ({err.strerror or err}); "
+                "choose a folder you can write to (e.g. set LSMS_HOME) or fix its permissions"
+            ) from err
+
+    def add(
+        self,
+        image: Volume,
+        description: str,
+        model_mask: np.ndarray,
+        corrected_mask: np.ndarray,
+        *,
+        model_version: str,
+        image_ref: str | None = None,
+    ) -> dict:
+        """Store one correction and return its record.
+
+        Args:
+            image: the CT the model segmented (any orientation; its geometry is kept).
+            description: the text the user typed; becomes the record's ``expression``.
+            model_mask: the model's binary mask, same shape as ``image.array``.
+            corrected_mask: the user's corrected mask (the training target), same shape.
+            model_version: the version of the model that produced ``model_mask``.
+            image_ref: where the image came from (a file path); defaults to ``image.path``.
+
+        Returns:
+            the record appended to ``expressions.jsonl``.
+        """
+        description = (description or "").strip()
+        if not description:
+            raise ValueError("description: empty; type the description the mask was segmented from")
+        shape = tuple(np.shape(image.array))
+        if len(shape) != 3:
+            raise ValueError(f"image: expected a 3D (z, y, x) volume, got shape {shape}")
+        masks = {}
+        for name, mask in (("model_mask", model_mask), ("corrected_mask", corrected_mask)):
+            mask = np.asarray(mask)
+            if mask.shape != shape:
+                raise ValueError(
+                    f"{name}: shape {mask.shape} does not match the image shape {shape}; "
+                    "pass masks on the image's voxel grid"
+                )
+            masks[name] = (mask > 0).astype(np.uint8)
+
+        self.check_writable()
+        self._check_is_corrections_dataset()
+        with self._lock():
+            return self._add(image, description, masks, model_version=model_version, image_ref=image_ref)
+
+    def _add(self, image: Volume, description: str, masks: dict, *, model_version: str, image_ref) -> dict:
+        from lsms_core.data.dataset import LESIONS_FILE, DatasetWriter
+        from lsms_core.io import write_volume
+
+        shape = tuple(image.array.shape)
+        writer = DatasetWriter(
+            self.root,
+            name=DATASET_NAME,
+            description="Masks corrected by users of the napari-lsms plugin, for fine-tuning.",
+            provenance={"source": SOURCE},
+            exist_ok=True,
+            extra={"source": SOURCE},
+        )
+
+        sha = volume_sha256(image)
+        case = sha[:16]
+        # The lesion map is written after the image: a case without it was interrupted, redo it.
+        # Its lesion map stays empty; each record's "mask" is the training target.
+        if not (self.root / "cases" / case / LESIONS_FILE).exists():
+            writer.add_case(case, image, np.zeros(shape, dtype=np.uint8))
+
+        existing = self.records()
+        record_id = self._new_id({record["id"] for record in existing})
+        paths = {}
+        for name, suffix in (("model_mask", "model"), ("corrected_mask", "corrected")):
+            relative = f"cases/{case}/masks/{record_id}_{suffix}.nii.gz"
+            if (self.root / relative).exists():  # unreachable with unique ids; never overwrite
+                raise ValueError(f"{self.root / relative} already exists; refusing to overwrite it")
+            write_volume(self.root / relative, masks[name], like=image)
+            paths[name] = relative
+
+        record = {
+            "id": record_id,
+            "case": case,
+            "expression": description,
+            "mask": paths["corrected_mask"],
+            "model_mask": paths["model_mask"],
+            "source": SOURCE,
+            "kind": "correction",
+            "image_ref": image_ref if image_ref is not None else getattr(image, "path", None),
+            "image_sha256": sha,
+            "changed_voxels": int(np.count_nonzero(masks["model_mask"] != masks["corrected_mask"])),
+            "model_version": str(model_version),
+            "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+        self._append_record(record)
+        writer.write_splits(assign_splits([r["case"] for r in existing] + [case]))
+        return record
+
+    # ------------------------------------------------------------------ helpers
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Serialise writers (two napari windows saving at once) with an advisory file lock.
+
+        ``fcntl`` is POSIX-only; elsewhere writes are not serialised (each one is still atomic).
+        """
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            yield
+            return
+        with open(self.root / ".lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _check_is_corrections_dataset(self) -> None:
+        """Refuse to add corrections to another kind of dataset (its splits would be rewritten)."""
+        meta_path = self.root / "dataset.json"
+        if not meta_path.exists():
+            return
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{meta_path}: cannot read it ({err}); fix it or choose another folder") from err
+        if not isinstance(meta, dict) or meta.get("source") != SOURCE:
+            raise ValueError(
+                f"{self.root} holds a dataset that is not a corrections dataset "
+                f"(dataset.json has no \"source\": \"{SOURCE}\"); choose an empty or a corrections folder"
+            )
+
+    @staticmethod
+    def _new_id(taken: set[str]) -> str:
+        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        while True:
+            record_id = f"corr-{stamp}-{secrets.token_hex(4)}"
+            if record_id not in taken:
+                return record_id
+
+    def _append_record(self, record: dict) -> None:
+        """Rewrite ``expressions.jsonl`` atomically: old bytes unchanged, one line appended."""
+        old = self.expressions_path.read_bytes() if self.expressions_path.exists() else b""
+        if old and not old.endswith(b"\n"):
+            old += b"\n"
+        line = json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+        atomic_write_bytes(self.expressions_path, old + line)
