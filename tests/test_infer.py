@@ -1,0 +1,208 @@
+"""Volume inference: geometry, slice range, progress/cancel, validation, post-processing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lsms_core.infer import (
+    Segmenter,
+    _prepare,
+    available_devices,
+    body_slices,
+    postprocess,
+    resolve_device,
+)
+from lsms_core.io import Volume
+
+RAS = (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0)  # x and y flipped w.r.t. canonical LPS
+Z_DOWN = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # slices stored superior -> inferior
+
+
+def _ct(depth=8, height=40, width=48, seed=0) -> np.ndarray:
+    """A small CT: air everywhere, a soft-tissue ellipse with a brighter blob in slices 1..depth-2."""
+    rng = np.random.default_rng(seed)
+    hu = np.full((depth, height, width), -1000.0, dtype=np.float32)
+    yy, xx = np.mgrid[:height, :width]
+    body = ((yy - height / 2) / (height * 0.42)) ** 2 + ((xx - width / 2) / (width * 0.45)) ** 2 <= 1
+    lesion = (yy - height * 0.4) ** 2 + (xx - width * 0.35) ** 2 <= 16
+    for z in range(1, depth - 1):
+        hu[z][body] = 50 + rng.normal(0, 10, body.sum())
+        hu[z][lesion] = 120
+    return hu
+
+
+@pytest.fixture(scope="module")
+def model3(tiny_encoder_dir):
+    """A tiny model on 3 adjacent slices (exercises the k-slice stacking); shared, never modified."""
+    from lsms_core.model import LSMS
+    from lsms_core.testing import tiny_config
+
+    return LSMS(tiny_config(tiny_encoder_dir, in_slices=3)).eval()
+
+
+def test_devices():
+    devices = available_devices()
+    assert devices[-1] == "cpu"
+    assert str(resolve_device("auto")) == devices[0]
+    with pytest.raises(ValueError, match=r"'tpu' is not available.*auto, .*cpu"):
+        resolve_device("tpu")
+    with pytest.raises(ValueError, match="choose one of"):
+        Segmenter(object(), device="quantum")
+
+
+def test_prepare_matches_the_training_transform(model3):
+    from lsms_core.data.dataset import adjacent_slices, prepare_slices
+
+    hu = _ct()
+    idx = np.array([0, 3, 7])
+    batch = _prepare(hu, idx, model3.config)
+    assert batch.shape == (3, 3, 64, 64) and batch.dtype == np.float32
+    for row, z in zip(batch, idx):
+        expected = prepare_slices(hu[adjacent_slices(int(z), 3, hu.shape[0])], 64, model3.config.hu_window)
+        np.testing.assert_allclose(row, expected, atol=1e-6)
+
+
+def test_reoriented_volume_gives_the_same_answer_in_its_own_grid(model3):
+    hu = _ct()
+    lps = Volume(hu, spacing=(0.8, 0.9, 2.5))
+    ras = Volume(hu[:, ::-1, ::-1].copy(), spacing=(0.8, 0.9, 2.5), direction=RAS)  # same voxels, RAS file
+    seg = Segmenter(model3, device="cpu", batch_size=4)
+    a = seg.segment(lps, "the lesion", return_probability=True)
+    b = seg.segment(ras, "the lesion", return_probability=True)
+    assert b.mask.shape == ras.array.shape and b.mask.dtype == np.uint8
+    assert b.probability.shape == ras.array.shape
+    np.testing.assert_allclose(b.probability, a.probability[:, ::-1, ::-1], atol=1e-5)
+    np.testing.assert_array_equal(b.mask, a.mask[:, ::-1, ::-1])
+    np.testing.assert_allclose(b.slice_scores, a.slice_scores, atol=1e-6)
+
+
+def test_slice_range_body_skipping_and_progress(model3):
+    hu = _ct(depth=10)
+    calls = []
+    seg = Segmenter(model3, device="cpu", batch_size=2)
+    result = seg.segment(
+        Volume(hu, direction=Z_DOWN), "all lesions", slices=(3, 8), progress=lambda d, t: calls.append((d, t))
+    )
+    assert calls == [(0, 5), (2, 5), (4, 5), (5, 5)]
+    # The range is in the input's slice order even though the canonical order is reversed.
+    scored = np.flatnonzero(result.slice_scores > 0)
+    np.testing.assert_array_equal(scored, np.arange(3, 8))
+    assert not result.mask[:3].any() and not result.mask[8:].any()
+
+    # Air-only slices (0 and 9) are skipped: 8 body slices in all.
+    calls.clear()
+    full = seg.segment(hu, "all lesions", progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1] == (8, 8)
+    assert full.slice_scores[0] == 0 and full.slice_scores[9] == 0 and (full.slice_scores[1:9] > 0).all()
+    np.testing.assert_array_equal(body_slices(hu), full.slice_scores > 0)
+
+
+def test_cancel_after_first_batch(model3):
+    hu = _ct()
+    checks = []
+
+    def should_cancel():
+        checks.append(1)
+        return len(checks) > 1
+
+    calls = []
+    result = Segmenter(model3, device="cpu", batch_size=2).segment(
+        hu, "the lesion", should_cancel=should_cancel, progress=lambda d, t: calls.append(d)
+    )
+    assert result.cancelled and not result.found
+    assert result.mask.shape == hu.shape and not result.mask.any()
+    assert calls == [0, 2]
+
+
+def test_text_is_encoded_once(model3, monkeypatch):
+    counter = {"n": 0}
+    original = model3.encode_text
+
+    def counting(texts):
+        counter["n"] += 1
+        return original(texts)
+
+    monkeypatch.setattr(model3, "encode_text", counting)
+    Segmenter(model3, device="cpu", batch_size=2).segment(_ct(), "the largest lesion")
+    assert counter["n"] == 1
+
+
+@pytest.mark.parametrize(
+    ("volume", "text", "match"),
+    [
+        (_ct(), "", "non-empty referring expression"),
+        (_ct(), "   ", "non-empty referring expression"),
+        (_ct()[3], "the lesion", "3D CT"),
+        (np.where(np.arange(8)[:, None, None] == 2, np.nan, _ct()), "the lesion", "NaN"),
+    ],
+)
+def test_bad_input(model3, volume, text, match):
+    with pytest.raises(ValueError, match=match):
+        Segmenter(model3, device="cpu").segment(volume, text)
+
+
+def test_bad_slice_range(model3):
+    with pytest.raises(ValueError, match="0 <= z0 < z1 <= 8"):
+        Segmenter(model3, device="cpu").segment(_ct(), "the lesion", slices=(5, 12))
+
+
+def test_no_body_means_not_found(model3):
+    air = np.full((4, 32, 32), -1000.0, dtype=np.float32)
+    calls = []
+    result = Segmenter(model3, device="cpu").segment(
+        air, "the lesion", progress=lambda d, t: calls.append((d, t))
+    )
+    assert calls == [(0, 0)]
+    assert not result.found and not result.cancelled and not result.mask.any()
+    assert not result.slice_scores.any()
+
+
+def test_segmenter_loads_a_model_file(model3, tmp_path):
+    from lsms_core.checkpoint import save_model
+
+    path = save_model(model3, tmp_path / "m.safetensors", version="7")
+    seg = Segmenter(path, device="cpu")
+    result = seg.segment(_ct(), "the lesion")
+    assert result.model_version == "7" and result.text == "the lesion"
+    assert result.elapsed_s > 0 and set(result.timings) == {"prepare", "model", "postprocess"}
+
+
+# --------------------------------------------------------------------------------------------
+# postprocess (pure)
+# --------------------------------------------------------------------------------------------
+
+
+def _two_blobs():
+    """A: 27 voxels at 0.9 (sum 24.3); B: 40 voxels at 0.55 (sum 22), larger but less sure."""
+    prob = np.zeros((6, 20, 20), dtype=np.float32)
+    prob[1:4, 2:5, 2:5] = 0.9
+    prob[1:3, 10:14, 10:15] = 0.55
+    prob[5, 18, 18] = 0.3  # below threshold
+    return prob
+
+
+def test_postprocess_singular_keeps_the_most_probable_component():
+    prob = _two_blobs()
+    mask = postprocess(prob, np.ones(6), singular=True)
+    assert mask.dtype == np.uint8
+    assert mask.sum() == 27 and mask[1:4, 2:5, 2:5].all()
+
+
+def test_postprocess_plural_keeps_components_above_min_size():
+    prob = _two_blobs()
+    assert postprocess(prob, np.ones(6), singular=False).sum() == 67
+    only_big = postprocess(prob, np.ones(6), singular=False, min_size=30)
+    assert only_big.sum() == 40 and only_big[1:3, 10:14, 10:15].all()
+
+
+def test_postprocess_presence_gates_slices():
+    prob = _two_blobs()
+    presence = np.ones(6)
+    presence[1:4] = 0.2  # the model says: not in these slices
+    assert not postprocess(prob, presence, singular=False).any()
+    presence[1] = 0.9  # only slice 1 is kept, and both blobs there
+    kept = postprocess(prob, presence, singular=False)
+    assert kept.sum() == 9 + 20 and kept[1].sum() == 29
+    with pytest.raises(ValueError, match="presence"):
+        postprocess(prob, np.ones(5), singular=True)
