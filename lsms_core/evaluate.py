@@ -1,0 +1,185 @@
+"""2D slice-level evaluation of an LSMS model on a dataset split, as the paper reports it.
+
+The evaluation set is the deterministic list of (expression, slice) pairs that
+:class:`~lsms_core.data.dataset.SliceDataset` builds for the split without augmentation: the slices
+where each expression's target lesions appear, some slices of the same case where they do not
+(presence negatives) and organ slices for negative expressions (``targets: []``). Each pair is
+scored at the model's input resolution (``image_size``): the prediction is
+``sigmoid(logits) > 0.5``, emptied when the presence head says the lesion is absent
+(``sigmoid(presence_logits) <= 0.5``), and fed to :class:`~lsms_core.metrics.MetricAccumulator`
+with the expression's ``kind`` (location, size, attenuation, count, rank, combined, negative...).
+
+Results are plain JSON: ``overall`` and ``per_kind`` metric dicts (mIoU, oIoU, Dice, P@0.5..0.9,
+negative accuracy, as defined in :mod:`lsms_core.metrics`), plus ``presence_accuracy``.
+
+Volume-level (3D) evaluation goes through :class:`~lsms_core.infer.Segmenter` instead.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lsms_core.data.dataset import ReferringDataset
+    from lsms_core.model import LSMS
+
+#: Probability threshold of the mask and of the presence gate.
+THRESHOLD = 0.5
+
+
+def evenly_spaced(n: int, max_items: int | None) -> list[int]:
+    """``max_items`` indices spread evenly over ``range(n)`` (all of them when ``max_items`` is None)."""
+    if max_items is None or max_items >= n:
+        return list(range(n))
+    if max_items < 1:
+        raise ValueError(f"max_items must be >= 1 or None, got {max_items}")
+    return sorted({(i * n) // max_items for i in range(max_items)})
+
+
+def evaluate_model(
+    model: LSMS,
+    dataset: ReferringDataset | str | os.PathLike,
+    split: str = "test",
+    *,
+    device="cpu",
+    batch_size: int = 16,
+    image_size: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    max_items: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` on the (expression, slice) pairs of ``split``.
+
+    Args:
+        model: an :class:`~lsms_core.model.LSMS`; it is put in eval mode and restored afterwards.
+        dataset: a :class:`~lsms_core.data.dataset.ReferringDataset` or its folder.
+        split: split name (``"all"`` for every case).
+        device: torch device for the forward passes (the model is moved there).
+        batch_size: pairs per forward pass.
+        image_size: model input side; ``None`` = ``model.config.image_size``.
+        progress: called as ``progress(done, total)`` after each batch.
+        max_items: evaluate an evenly spaced deterministic subset of at most this many pairs.
+
+    Returns:
+        ``{"split", "items", "total_items", "image_size", "threshold", "overall": {...},
+        "per_kind": {kind: {...}}}`` (JSON-serialisable).
+    """
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader, Subset
+
+    from lsms_core.data.dataset import ReferringDataset, SliceDataset
+    from lsms_core.metrics import MetricAccumulator
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    config = model.config
+    if not isinstance(dataset, ReferringDataset):
+        dataset = ReferringDataset(dataset)
+    if not dataset.split(split):
+        raise ValueError(f"the {split!r} split of {dataset.root} has no cases; nothing to evaluate")
+    size = int(image_size or config.image_size)
+    pairs = SliceDataset(
+        dataset,
+        split,
+        in_slices=config.in_slices,
+        image_size=size,
+        hu_window=tuple(config.hu_window),
+        augment=False,
+        seed=0,
+    )
+    indices = evenly_spaced(len(pairs), max_items)
+    if not indices:
+        raise ValueError(
+            f"the {split!r} split of {dataset.root} yields no (expression, slice) pairs to evaluate"
+        )
+    loader = DataLoader(Subset(pairs, indices), batch_size=batch_size, shuffle=False)
+
+    device = torch.device(device)
+    was_training = model.training
+    model.to(device).eval()
+    accumulator = MetricAccumulator()
+    presence_hits = done = 0
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                output = model(batch["image"].to(device), list(batch["text"]))
+                present = torch.sigmoid(output.presence_logits.float()) > THRESHOLD
+                pred = (torch.sigmoid(output.logits.float()) > THRESHOLD) & present[:, None, None, None]
+                target = batch["mask"].to(device) > 0.5
+                presence_hits += int((present == target.flatten(1).any(1)).sum())
+                kinds = [kind or None for kind in batch["kind"]]
+                accumulator.update_batch(pred[:, 0].cpu().numpy(), target[:, 0].cpu().numpy(), kinds)
+                done += len(kinds)
+                if progress is not None:
+                    progress(done, len(indices))
+    finally:
+        model.train(was_training)
+
+    computed = accumulator.compute()
+    per_kind = computed.pop("per_kind", {})
+    overall = {**computed, "presence_accuracy": presence_hits / len(indices)}
+    result = {
+        "split": split,
+        "items": len(indices),
+        "total_items": len(pairs),
+        "image_size": size,
+        "threshold": THRESHOLD,
+        "overall": overall,
+        "per_kind": per_kind,
+    }
+    return _to_builtin(result, np)
+
+
+def _to_builtin(value, np):
+    """numpy scalars/arrays -> Python values, recursively (for ``json.dumps``)."""
+    if isinstance(value, dict):
+        return {str(k): _to_builtin(v, np) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_builtin(v, np) for v in value]
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    return value
+
+
+def evaluate_path(
+    model_path: str | os.PathLike,
+    data: str | os.PathLike,
+    split: str = "test",
+    json_out: str | os.PathLike | None = None,
+    *,
+    device: str = "cpu",
+    batch_size: int = 16,
+    max_items: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Load a saved model, evaluate it on ``data``'s ``split`` and optionally write the JSON report.
+
+    The report is :func:`evaluate_model`'s dict plus ``model`` (path), ``model_version``,
+    ``data`` (folder) and ``data_fingerprint``. ``json_out`` is written atomically.
+    ``device="auto"`` picks cuda, then mps, then cpu.
+    """
+    from lsms_core._atomic import atomic_write_json
+    from lsms_core.checkpoint import load_model
+    from lsms_core.data.dataset import ReferringDataset
+    from lsms_core.infer import resolve_device
+
+    dataset = ReferringDataset(data)  # clear errors for a bad folder before loading the model
+    resolved = resolve_device(device)
+    model = load_model(model_path, device=resolved)
+    report = evaluate_model(
+        model, dataset, split, device=resolved, batch_size=batch_size, max_items=max_items, progress=progress
+    )
+    card = getattr(model, "model_card", {}) or {}
+    report = {
+        "model": str(model_path),
+        "model_version": card.get("version"),
+        "data": str(Path(data)),
+        "data_fingerprint": dataset.fingerprint(),
+        **report,
+    }
+    if json_out is not None:
+        atomic_write_json(json_out, report)
+    return report

@@ -1,0 +1,124 @@
+"""2D slice-level evaluation: report structure, determinism, the presence gate, metrics against a
+hand computation with a model forced to predict everything, subsets, the JSON report, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from _datasets import make_tiny_dataset
+
+from lsms_core.evaluate import evaluate_model, evaluate_path, evenly_spaced
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_tiny_dataset(tmp_path_factory.mktemp("eval") / "tiny", cases=4)
+
+
+@pytest.fixture()
+def model(tiny_config):
+    from lsms_core.model import LSMS
+
+    return LSMS(dataclasses.replace(tiny_config, image_size=32))
+
+
+def force_outputs(model, mask_logit: float, presence_logit: float) -> None:
+    """Make the final mask head and the presence head output constants (real model, fixed weights)."""
+    with torch.no_grad():
+        head = model.decoder.heads[0]
+        head.weight.zero_()
+        head.bias.fill_(mask_logit)
+        last = model.presence_head.mlp[-1]
+        last.weight.zero_()
+        last.bias.fill_(presence_logit)
+
+
+def test_report_structure_determinism_progress_and_mode(model, data_dir):
+    from lsms_core.data.dataset import SliceDataset
+
+    calls = []
+    model.train()
+    report = evaluate_model(model, data_dir, "test", batch_size=4, progress=lambda d, t: calls.append((d, t)))
+    assert model.training  # mode restored
+    pairs = SliceDataset(data_dir, "test", image_size=32)
+    assert report["items"] == report["total_items"] == len(pairs)
+    assert report["split"] == "test" and report["image_size"] == 32
+    json.dumps(report)
+    overall = report["overall"]
+    for key in ("mIoU", "oIoU", "dice", "P@0.5", "P@0.9", "negative_accuracy", "presence_accuracy"):
+        assert key in overall
+    assert set(report["per_kind"]) == {"attenuation", "negative"}
+    assert report["per_kind"]["negative"]["n_positive"] == 0
+    assert overall["n"] == len(pairs)
+    # progress: increasing counts up to the total, one call per batch
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and calls[-1] == (len(pairs), len(pairs))
+    assert len(calls) == -(-len(pairs) // 4)
+    # deterministic: same pairs, same numbers (batch size does not matter either)
+    assert evaluate_model(model, data_dir, "test", batch_size=7) == report
+
+
+def test_presence_gate_empties_every_prediction(model, data_dir):
+    force_outputs(model, mask_logit=20.0, presence_logit=-20.0)  # mask everywhere, "absent"
+    report = evaluate_model(model, data_dir, "test")
+    overall = report["overall"]
+    assert overall["negative_accuracy"] == 1.0
+    assert overall["mIoU"] == 0.0 and overall["P@0.5"] == 0.0 and overall["oIoU"] == 0.0
+    assert overall["presence_accuracy"] == pytest.approx(overall["n_negative"] / overall["n"])
+
+
+def test_metrics_match_a_hand_computation(model, data_dir):
+    from lsms_core.data.dataset import SliceDataset
+
+    force_outputs(model, mask_logit=20.0, presence_logit=20.0)  # every pixel, "present"
+    report = evaluate_model(model, data_dir, "val")
+    pairs = SliceDataset(data_dir, "val", image_size=32)
+    areas = np.array([float(pairs[i]["mask"].sum()) for i in range(len(pairs))])
+    pixels = 32 * 32
+    positives = areas[areas > 0]
+    overall = report["overall"]
+    assert overall["n_positive"] == len(positives) > 0
+    assert overall["mIoU"] == pytest.approx(float(np.mean(positives / pixels)))
+    assert overall["oIoU"] == pytest.approx(areas.sum() / (pixels * len(areas)))
+    assert overall["negative_accuracy"] == 0.0
+    assert overall["presence_accuracy"] == pytest.approx(len(positives) / len(areas))
+    kinds = [pairs[i]["kind"] for i in range(len(pairs))]
+    assert report["per_kind"]["negative"]["n"] == kinds.count("negative")
+
+
+def test_max_items_takes_an_even_deterministic_subset(model, data_dir):
+    assert evenly_spaced(10, None) == list(range(10))
+    assert evenly_spaced(10, 4) == [0, 2, 5, 7]
+    assert evenly_spaced(3, 8) == [0, 1, 2]
+    report = evaluate_model(model, data_dir, "test", max_items=4)
+    assert report["items"] == 4 and report["total_items"] > 4
+    with pytest.raises(ValueError, match="max_items"):
+        evenly_spaced(10, 0)
+
+
+def test_evaluate_path_writes_the_json_report(model, data_dir, tmp_path):
+    from lsms_core.checkpoint import save_model
+    from lsms_core.data.dataset import ReferringDataset
+
+    path = save_model(model, tmp_path / "m.safetensors", version="7")
+    out = tmp_path / "reports" / "test.json"
+    report = evaluate_path(path, data_dir, "test", json_out=out, max_items=3)
+    assert json.loads(out.read_text()) == report
+    assert report["model"] == str(path) and report["model_version"] == "7"
+    assert report["data_fingerprint"] == ReferringDataset(data_dir).fingerprint()
+    assert report["items"] == 3
+
+
+def test_bad_split_or_data_raise_clear_errors(model, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="no split 'nope'"):
+        evaluate_model(model, data_dir, "nope")
+    empty = make_tiny_dataset(tmp_path / "d", cases=2, splits={"train": ["case00", "case01"], "test": []})
+    with pytest.raises(ValueError, match="'test' split .* has no cases"):
+        evaluate_model(model, empty, "test")
+    with pytest.raises(FileNotFoundError):
+        evaluate_path(tmp_path / "m.safetensors", tmp_path / "nowhere", "test")
+    with pytest.raises(ValueError, match="batch_size"):
+        evaluate_model(model, data_dir, "test", batch_size=0)

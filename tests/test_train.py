@@ -1,0 +1,358 @@
+"""Trainer: learning, checkpoints (safetensors + JSON, no pickle), resume, events, stop, early
+stopping, input errors and DDP with two gloo processes. Tiny model, tiny dataset, CPU."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _datasets import make_tiny_dataset
+
+from lsms_core.train import (
+    TrainConfig,
+    Trainer,
+    flatten_state,
+    unflatten_state,
+    warmup_cosine,
+)
+
+SAFETENSORS_FILES = ("model.safetensors", "last.safetensors", "last_state.safetensors")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """4 cases: 2 train (22 items: 3 steps per epoch at batch 8), 1 val, 1 test."""
+    return make_tiny_dataset(tmp_path_factory.mktemp("data") / "tiny", cases=4)
+
+
+@pytest.fixture()
+def small_config(tiny_config):
+    """The tiny model at 32 x 32 pixels: the machine is small and shared."""
+    return dataclasses.replace(tiny_config, image_size=32)
+
+
+def fast_config(**overrides) -> TrainConfig:
+    """A few-steps CPU config (no augmentation unless asked)."""
+    fields = dict(
+        epochs=1,
+        batch_size=8,
+        lr=3e-3,
+        warmup_steps=0,
+        device="cpu",
+        checkpoint_every_steps=2,
+        patience=None,
+        augment=False,
+        val_max_items=4,
+        val_batch_size=8,
+        log_every_steps=1,
+    )
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def run(model_config, data_dir, out, **kwargs):
+    """Fit and return (summary, events); events are collected unless a callback is given."""
+    events: list[dict] = []
+    callback = kwargs.pop("callback", events.append)
+    train_config = kwargs.pop("train_config", fast_config())
+    trainer = Trainer(model_config, train_config, data_dir, out, callback=callback, **kwargs)
+    return trainer.fit(), events
+
+
+def load_tensors(path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def assert_safetensors_file(path: Path) -> None:
+    """A safetensors file: 8-byte little-endian header length + a JSON header; never a pickle/zip."""
+    raw = path.read_bytes()
+    assert raw[:1] != b"\x80" and raw[:2] != b"PK", f"{path.name} looks like a pickle/torch.save file"
+    (header_len,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + header_len])
+    assert isinstance(header, dict) and header
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def test_train_config_round_trip_and_validation():
+    config = TrainConfig(epochs=3, max_steps=10, lr=1e-3, warmup_steps=0.1, patience=2)
+    again = TrainConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config
+    assert config.warmup_for(50) == 5 and TrainConfig(warmup_steps=7).warmup_for(50) == 7
+    with pytest.raises(ValueError, match="unknown TrainConfig field"):
+        TrainConfig.from_dict({"epochz": 3})
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="lr"):
+        TrainConfig(lr=0)
+
+
+def test_warmup_cosine_schedule_shape():
+    values = [warmup_cosine(s, 4, 20) for s in range(20)]
+    assert values[:4] == sorted(values[:4]) and values[3] < 1.0  # rising warm-up
+    assert math.isclose(values[4], 1.0)
+    assert values[4:] == sorted(values[4:], reverse=True) and values[-1] < 0.05  # cosine decay
+
+
+def test_flatten_state_round_trip_resumes_adamw_exactly(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, betas=(0.8, 0.9))
+    for _ in range(3):
+        opt.zero_grad()
+        net(torch.randn(5, 4)).pow(2).sum().backward()
+        opt.step()
+    skeleton, tensors = flatten_state(opt.state_dict())
+    save_file(tensors, str(tmp_path / "state.safetensors"))
+    (tmp_path / "state.json").write_text(json.dumps(skeleton))
+
+    twin = torch.nn.Linear(4, 3)
+    twin.load_state_dict(net.state_dict())
+    twin_opt = torch.optim.AdamW(twin.parameters(), lr=0.5)
+    restored = unflatten_state(
+        json.loads((tmp_path / "state.json").read_text()), load_file(str(tmp_path / "state.safetensors"))
+    )
+    twin_opt.load_state_dict(restored)
+    assert twin_opt.param_groups[0]["betas"] == (0.8, 0.9) and twin_opt.param_groups[0]["lr"] == 0.1
+    x = torch.randn(5, 4)
+    for model, optimizer in ((net, opt), (twin, twin_opt)):
+        optimizer.zero_grad()
+        model(x).pow(2).sum().backward()
+        optimizer.step()
+    for a, b in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_loss_decreases_on_a_repeated_batch(small_config, tmp_path):
+    # One training case -> all its items fit in one batch, so every step sees the same batch.
+    data = make_tiny_dataset(tmp_path / "one", cases=3, splits={"train": ["case00"], "val": ["case01"]})
+    config = fast_config(max_steps=10, batch_size=32, lr=1e-2, checkpoint_every_steps=None, val_max_items=2)
+    summary, events = run(small_config, data, tmp_path / "out", train_config=config)
+    losses = [e["loss"] for e in events if e["event"] == "step"]
+    assert len(losses) == 10 and summary["step"] == 10
+    assert all(math.isfinite(v) for v in losses)
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3, losses
+
+
+def test_fit_writes_safetensors_checkpoints_events_and_log(small_config, data_dir, tmp_path):
+    from lsms_core.checkpoint import load_model
+
+    out = tmp_path / "run"
+    summary, events = run(small_config, data_dir, out, train_config=fast_config(epochs=2))
+    for name in SAFETENSORS_FILES:
+        assert_safetensors_file(out / name)
+    assert not list(out.glob("*.pt")) and not list(out.glob("*.pkl")) and not list(out.glob(".*tmp*"))
+
+    steps_per_epoch = events[0]["steps_per_epoch"]
+    assert steps_per_epoch == 3  # 22 train items, batch 8
+    assert summary["reason"] == "completed" and summary["step"] == 2 * steps_per_epoch
+    assert summary["model_path"] == str(out / "model.safetensors")
+
+    # event sequence: start, steps 1..N in order, a validation after each epoch, end last
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end" and "stopped" not in kinds
+    assert [e["step"] for e in events if e["event"] == "step"] == list(range(1, 2 * steps_per_epoch + 1))
+    assert [e["step"] for e in events if e["event"] == "validation"] == [steps_per_epoch, 2 * steps_per_epoch]
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [2, 3, 4, 6]
+    for e in events:
+        json.dumps(e)  # JSON-serialisable
+        assert {"event", "step", "total_steps", "epoch", "elapsed_s"} <= set(e)
+    step = next(e for e in events if e["event"] == "step")
+    assert {"loss", "loss_parts", "lr"} <= set(step) and "seg" in step["loss_parts"]
+    assert [e["epoch"] for e in events if e["event"] == "step"] == [1, 1, 1, 2, 2, 2]
+    validation = next(e for e in events if e["event"] == "validation")
+    assert "mIoU" in validation["metrics"]["overall"]
+
+    # the log holds the same events as JSON lines
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [e["event"] for e in logged] == kinds
+
+    # sidecars: the best model has metrics + fingerprint + train config; last.json the training state
+    card = json.loads((out / "model.json").read_text())
+    assert card["format"] == "lsms-model" and "mIoU" in card["metrics"]
+    assert card["data_fingerprint"] and card["extra"]["train_config"]["epochs"] == 2
+    state = json.loads((out / "last.json").read_text())["extra"]["training_state"]
+    assert state["step"] == summary["step"] and state["finished"] is True
+    model = load_model(out / "model.safetensors")
+    assert model.config.image_size == small_config.image_size
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(small_config, data_dir, tmp_path):
+    config = fast_config(max_steps=5, checkpoint_every_steps=2, augment=True)
+    full, _ = run(small_config, data_dir, tmp_path / "full", train_config=config)
+
+    def crash_at_step_3(event):
+        if event["event"] == "step" and event["step"] == 3:
+            raise KeyboardInterrupt("simulated crash")
+
+    with pytest.raises(KeyboardInterrupt):
+        run(small_config, data_dir, tmp_path / "resumed", train_config=config, callback=crash_at_step_3)
+    state = json.loads((tmp_path / "resumed" / "last.json").read_text())["extra"]["training_state"]
+    assert state["step"] == 2 and not state["finished"]
+
+    resumed, events = run(small_config, data_dir, tmp_path / "resumed", train_config=config)
+    assert events[0]["event"] == "start" and events[0]["resumed"] is True
+    assert [e["step"] for e in events if e["event"] == "step"] == [3, 4, 5]
+    assert resumed["step"] == full["step"] == 5
+    a = load_tensors(tmp_path / "full" / "last.safetensors")
+    b = load_tensors(tmp_path / "resumed" / "last.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+    # running again on a finished folder trains nothing more
+    again, events = run(small_config, data_dir, tmp_path / "resumed", train_config=config)
+    assert again["step"] == 5 and not [e for e in events if e["event"] == "step"]
+
+
+def test_stop_request_checkpoints_and_can_resume(small_config, data_dir, tmp_path):
+    out = tmp_path / "run"
+    events: list[dict] = []
+
+    summary, _ = run(
+        small_config, data_dir, out, callback=events.append,
+        should_stop=lambda: any(e["event"] == "step" for e in events),
+    )  # fmt: skip
+    assert summary["reason"] == "stopped" and summary["step"] == 1
+    assert events[-1]["event"] == "stopped" and events[-2]["event"] == "checkpoint"
+    state = json.loads((out / "last.json").read_text())["extra"]["training_state"]
+    assert state["step"] == 1
+
+    # the STOP file, as the napari widget writes it, during the resumed run's first step
+    events.clear()
+
+    def touch_stop(event):
+        events.append(event)
+        if event["event"] == "step":
+            (out / "STOP").write_text("")
+
+    summary, _ = run(small_config, data_dir, out, callback=touch_stop)
+    assert summary["reason"] == "stopped" and summary["step"] == 2
+    assert events[-1]["event"] == "stopped"
+
+    # the stale STOP file does not stop the next run, which completes the epoch
+    summary, events = run(small_config, data_dir, out)
+    assert summary["reason"] == "completed" and summary["step"] == 3
+    assert [e["step"] for e in events if e["event"] == "step"] == [3]
+    assert not (out / "STOP").exists()
+
+
+def test_early_stopping_when_validation_does_not_improve(small_config, data_dir, tmp_path):
+    # A vanishing learning rate: the metric cannot improve after the first validation.
+    config = fast_config(epochs=5, batch_size=16, lr=1e-12, patience=1)
+    summary, events = run(small_config, data_dir, tmp_path / "run", train_config=config)
+    validations = [e for e in events if e["event"] == "validation"]
+    assert summary["reason"] == "early_stopping"
+    assert [v["improved"] for v in validations] == [True, False]
+    assert summary["step"] == 2 * events[0]["steps_per_epoch"] < events[0]["total_steps"]
+    assert events[-1]["event"] == "end" and events[-1]["reason"] == "early_stopping"
+    assert summary["best_step"] == events[0]["steps_per_epoch"]
+
+
+def test_fine_tune_from_saved_model(small_config, data_dir, tmp_path):
+    from lsms_core.checkpoint import save_model
+    from lsms_core.model import LSMS
+
+    base = save_model(LSMS(small_config), tmp_path / "base.safetensors")
+    requested = dataclasses.replace(small_config, embed_dims=(8, 8, 8, 8), presence_weight=0.5)
+    summary, events = run(
+        requested, data_dir, tmp_path / "ft", train_config=fast_config(max_steps=1), init_from=base
+    )
+    assert events[0]["init_from"] == str(base) and summary["step"] == 1
+    card = json.loads((tmp_path / "ft" / "model.json").read_text())
+    # the saved architecture wins, the training fields come from the requested config
+    assert card["config"]["embed_dims"] == list(small_config.embed_dims)
+    assert card["config"]["presence_weight"] == 0.5
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def test_bad_training_data_fails_before_any_work(small_config, tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Trainer(small_config, fast_config(), tmp_path / "nowhere", tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no dataset.json"):
+        Trainer(small_config, fast_config(), tmp_path / "empty", tmp_path / "out")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "dataset.json").write_text("{not json")
+    with pytest.raises(ValueError, match="dataset.json"):
+        Trainer(small_config, fast_config(), tmp_path / "broken", tmp_path / "out")
+
+    no_train = make_tiny_dataset(tmp_path / "no_train", cases=3, splits={"train": [], "val": ["case00"]})
+    with pytest.raises(ValueError, match="'train' split .* has no cases"):
+        Trainer(small_config, fast_config(), no_train, tmp_path / "out")
+
+    no_expr = make_tiny_dataset(tmp_path / "no_expr", cases=3)
+    (no_expr / "expressions.jsonl").write_text("")
+    with pytest.raises(ValueError, match="no referring expressions"):
+        Trainer(small_config, fast_config(), no_expr, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_init_from_a_file_that_is_not_a_model(small_config, data_dir, tmp_path):
+    fake = tmp_path / "fake.safetensors"
+    fake.write_bytes(os.urandom(64))
+    with pytest.raises(ValueError, match="not an LSMS model"):
+        Trainer(small_config, fast_config(), data_dir, tmp_path / "out", init_from=fake)
+    with pytest.raises(FileNotFoundError):
+        Trainer(
+            small_config,
+            fast_config(),
+            data_dir,
+            tmp_path / "out",
+            init_from=tmp_path / "missing.safetensors",
+        )
+
+
+def test_empty_val_split_validates_on_train_with_warning(small_config, tmp_path):
+    data = make_tiny_dataset(tmp_path / "d", cases=2, splits={"train": ["case00", "case01"], "val": []})
+    with pytest.warns(UserWarning, match="validating on the 'train' split"):
+        trainer = Trainer(small_config, fast_config(max_steps=1), data, tmp_path / "out")
+    assert trainer.val_split == "train"
+
+
+# ------------------------------------------------------------------------------------------ DDP
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes_write_one_model(small_config, data_dir, tmp_path):
+    spec = {
+        "model": small_config.to_dict(),
+        "train": fast_config(max_steps=2, val_max_items=2).to_dict(),
+    }
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(spec))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "lsms_core.train", "--data", str(data_dir), "--out", str(out), "--config-json", str(config_file),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=170, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["step"] == 2  # only rank 0 prints
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(SAFETENSORS_FILES)
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    start = logged[0]
+    assert start["event"] == "start" and start["world_size"] == 2
+    assert [e["event"] for e in logged].count("start") == 1  # rank 1 writes nothing
+    # each rank sees half of the items per epoch
+    assert start["steps_per_epoch"] == math.ceil(math.ceil(start["train_items"] / 2) / 8)
