@@ -178,7 +178,7 @@ def _train_reporter(json_progress: bool) -> tuple[Callable[[dict], None], Callab
             bar.set_postfix(loss=f"{event.get('loss', float('nan')):.4f}", refresh=False)
             bar.refresh()
         elif kind == "validation":
-            metrics = event.get("metrics") or {}
+            metrics = (event.get("metrics") or {}).get("overall") or {}
             shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, (int, float)))
             bar.write(f"step {event.get('step')}: validation {shown}", file=sys.stderr)
         elif kind == "start" and event.get("resumed"):
