@@ -1,6 +1,6 @@
 """Screenshots of the napari-lsms window for the docs: ``docs/images/window_*.png``.
 
-    xvfb-run -a python scripts/screenshots.py
+    xvfb-run -a python docs/screenshots.py
 
 Opens the real window (``napari_lsms._main.launch``: the sample CT, the segment and fine-tune
 widgets, a sample expression typed in), then saves
