@@ -58,8 +58,8 @@ def blank_text_dataset(data: Path, out: Path) -> Path:
 
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:
-    from lsms_core.evaluate import evaluate_model
     from lsms_core.checkpoint import load_model
+    from lsms_core.evaluate import evaluate_model
     from lsms_core.model import LSMSConfig
     from lsms_core.train import TrainConfig, Trainer
 

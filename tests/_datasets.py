@@ -6,6 +6,7 @@ side and a bright (hyperdense) blob on the other, so the text decides which blob
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -59,3 +60,19 @@ def make_tiny_dataset(root, cases: int = 4, seed: int = 0, splits: dict | None =
         splits = {"train": ids[:-2], "val": ids[-2:-1], "test": ids[-1:]} if len(ids) >= 3 else {"train": ids}
     writer.write_splits(splits)
     return Path(root)
+
+
+def totalseg_reference_dir() -> Path | None:
+    """TotalSegmentator 2.18.0 ``tests/reference_files`` from ``$LSMS_TOTALSEG_DIR`` or the cache that
+    ``lsms_core.data.synth.fetch_totalsegmentator`` fills (``.ci/install`` fills it), else None.
+    Never downloads: tests that need the real CTs are skipped without them."""
+    candidates = []
+    if os.environ.get("LSMS_TOTALSEG_DIR"):
+        candidates.append(Path(os.environ["LSMS_TOTALSEG_DIR"]))
+    cache = Path(os.environ.get("LSMS_CACHE", Path.home() / ".cache" / "lsms"))
+    candidates.append(cache / "totalsegmentator-2.18.0")
+    for root in candidates:
+        reference = root / "tests" / "reference_files"
+        if (reference / "example_ct_sm.nii.gz").exists():
+            return reference
+    return None

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from _datasets import totalseg_reference_dir
 
 from lsms_core.io import (
     Volume,
@@ -21,11 +21,7 @@ from lsms_core.io import (
     write_volume,
 )
 
-REFERENCE = (
-    Path(os.environ.get("LSMS_TOTALSEG_DIR", "/tmp/tsdl/totalsegmentator-2.18.0"))
-    / "tests"
-    / "reference_files"
-)
+REFERENCE = totalseg_reference_dir() or Path("/nonexistent")
 
 
 def rotation(degrees: float, axis: int = 2) -> np.ndarray:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _datasets import totalseg_reference_dir as _reference_dir
 from scipy import ndimage
 
 from lsms_core.data import synth
@@ -16,20 +15,6 @@ from lsms_core.data.synth import LiverTexture, insert_lesion, synthesize
 
 SPACING = (3.0, 1.5, 1.5)
 LIVER_HU = 55.0
-
-
-def _reference_dir() -> Path | None:
-    """TotalSegmentator reference files from LSMS_TOTALSEG_DIR or the cache, else None (no network)."""
-    candidates = []
-    if os.environ.get("LSMS_TOTALSEG_DIR"):
-        candidates.append(Path(os.environ["LSMS_TOTALSEG_DIR"]))
-    cache = Path(os.environ.get("LSMS_CACHE", Path.home() / ".cache" / "lsms"))
-    candidates += [cache / "totalsegmentator-2.18.0", Path("/tmp/tsdl/totalsegmentator-2.18.0")]
-    for root in candidates:
-        reference = root / "tests" / "reference_files"
-        if (reference / "example_ct_sm.nii.gz").exists():
-            return reference
-    return None
 
 
 needs_totalseg = pytest.mark.skipif(

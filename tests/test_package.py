@@ -1,0 +1,45 @@
+"""Package-level promises: the engine never pulls in the GUI, the manifest is valid and packaged."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _modules_after(code: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", code + "; import sys; print('\\n'.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    return set(out.split())
+
+
+def test_import_lsms_core_loads_neither_napari_nor_qt():
+    # The public API too: building blocks that a script uses must not drag the GUI in.
+    modules = _modules_after("import lsms_core; lsms_core.LSMS; lsms_core.Segmenter; lsms_core.Trainer")
+    gui = sorted(
+        m
+        for m in modules
+        if m.split(".")[0] in {"napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui"}
+    )
+    assert gui == []
+    assert "lsms_core.model" in modules  # the names really were resolved
+
+
+def test_manifest_is_valid_and_found_by_npe2():
+    import npe2
+
+    manifest = npe2.PluginManifest.from_distribution("napari-lsms")
+    assert manifest.name == "napari-lsms"
+    assert (ROOT / "napari_lsms" / "napari.yaml").resolve() == (ROOT / "napari.yaml").resolve()
+    commands = {c.id for c in manifest.contributions.commands}
+    for contribution in ("read_ct", "write_labels", "sample_ct", "segment_widget", "finetune_widget"):
+        assert f"napari-lsms.{contribution}" in commands
+    result = subprocess.run(["npe2", "validate", "napari-lsms"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
