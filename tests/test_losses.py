@@ -86,6 +86,17 @@ def test_deep_supervision_weights_add_the_aux_terms(tiny_encoder_dir, tiny_model
     assert with_ds["seg"] > without["seg"]
 
 
+def test_dice_term_ignores_empty_targets_so_they_cannot_force_empty_predictions(tiny_encoder_dir, tiny_model):
+    config = make_tiny_config(tiny_encoder_dir, deep_supervision_weights=(0, 0, 0), seg_bce_weight=0.0)
+    loss_fn = LSMSLoss(config)
+    out = _output(tiny_model)
+    target = _targets(4, empty=(1, 3))
+    expected = soft_dice_loss(out.logits[[0, 2]], target[[0, 2]]).mean()
+    torch.testing.assert_close(loss_fn.segmentation_loss(out, target), expected)
+    # all targets empty: no Dice term at all (BCE alone says "predict nothing")
+    assert float(loss_fn.segmentation_loss(out, _targets(4, empty=(0, 1, 2, 3)))) == 0.0
+
+
 def test_soft_dice_values():
     big = 20.0
     target = torch.zeros(2, 1, 4, 4)
