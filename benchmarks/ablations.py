@@ -66,7 +66,10 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     data = Path(args.data)
     if name == "blank_text":
         data = blank_text_dataset(data, Path(args.out))
-    model_config = LSMSConfig(image_size=args.image_size, in_slices=args.in_slices, **VARIANTS[name])
+    base = json.loads(Path(args.config).read_text()).get("model", {}) if args.config else {}
+    model_config = LSMSConfig.from_dict(
+        {**base, "image_size": args.image_size, "in_slices": args.in_slices, **VARIANTS[name]}
+    )
     train_config = TrainConfig(
         max_steps=args.max_steps,
         batch_size=args.batch_size,
@@ -100,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="dataset folder (lsms data synth ...)")
     parser.add_argument("--out", required=True, help="output folder for the runs and ablations.json")
+    parser.add_argument("--config", default=None, help="JSON whose 'model' block is the full model's config")
     parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)

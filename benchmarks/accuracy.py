@@ -1,0 +1,102 @@
+"""Accuracy of a model: test-split figures (2D slices, overall and per expression kind) and the
+3D answer on the sample CT for each of its expressions.
+
+    python benchmarks/accuracy.py --data data/bench48 [--model lsms_core/weights/default.safetensors]
+
+The 2D figures come from :func:`lsms_core.evaluate.evaluate_model` (the paper's protocol: every
+(expression, slice) pair of the split); the sample figures run :class:`lsms_core.infer.Segmenter`
+over the whole sample volume, as ``lsms predict`` and the napari widget do, and compare the 3D mask
+with the sample's truth (Dice; an expression that refers to nothing must give an empty mask).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = ("n", "mIoU", "oIoU", "dice", "P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "negative_accuracy")
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+def print_split_table(report: dict) -> None:
+    print(f"| kind | {' | '.join(COLUMNS)} |")
+    print("|---" * (len(COLUMNS) + 1) + "|")
+    rows = [("all", report["overall"])] + sorted(report["per_kind"].items())
+    for kind, metrics in rows:
+        print(f"| {kind} | " + " | ".join(_cell(metrics.get(c)) for c in COLUMNS) + " |")
+
+
+def sample_dice(model_path: str | None) -> list[dict]:
+    import numpy as np
+
+    from lsms_core.data.sample import load_sample
+    from lsms_core.infer import Segmenter
+
+    sample = load_sample()
+    segmenter = Segmenter(model_path, device="cpu")
+    rows = []
+    for record in sample.expressions:
+        truth = np.isin(sample.lesions, record.get("targets") or [])
+        result = segmenter.segment(sample.image, record["expression"])
+        pred = result.mask > 0
+        if truth.any():
+            dice = 2 * np.logical_and(pred, truth).sum() / max(pred.sum() + truth.sum(), 1)
+        else:
+            dice = None
+        rows.append(
+            {
+                "expression": record["expression"],
+                "kind": record.get("kind"),
+                "targets": record.get("targets"),
+                "found": result.found,
+                "dice": None if dice is None else round(float(dice), 3),
+                "empty_when_negative": None if truth.any() else not pred.any(),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="dataset folder with a test split")
+    parser.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--json", default=None, help="also write all figures to this JSON file")
+    args = parser.parse_args(argv)
+
+    from lsms_core.checkpoint import default_model_path
+    from lsms_core.evaluate import evaluate_path
+
+    model = args.model or str(default_model_path())
+    report = evaluate_path(model, args.data, split=args.split)
+    print(f"## {args.split} split of {args.data}: {report['items']} (expression, slice) pairs, model {model}")
+    print_split_table(report)
+
+    rows = sample_dice(args.model)
+    positives = [r["dice"] for r in rows if r["dice"] is not None]
+    negatives = [r["empty_when_negative"] for r in rows if r["empty_when_negative"] is not None]
+    print("\n## Sample CT (3D, Segmenter): Dice per expression")
+    print("| expression | kind | targets | found | Dice / empty |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        answer = r["dice"] if r["dice"] is not None else ("empty" if r["empty_when_negative"] else "NOT empty")
+        print(f"| {r['expression']} | {r['kind']} | {r['targets']} | {r['found']} | {answer} |")
+    if positives:
+        print(f"\nmean Dice over {len(positives)} positive expressions: {sum(positives) / len(positives):.3f}")
+        print(f"expressions with Dice >= 0.7: {sum(d >= 0.7 for d in positives)} / {len(positives)}")
+    if negatives:
+        print(f"negative expressions answered empty: {sum(negatives)} / {len(negatives)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"split": report, "sample": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
