@@ -7,9 +7,11 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -356,3 +358,49 @@ def test_ddp_two_gloo_processes_write_one_model(small_config, data_dir, tmp_path
     assert [e["event"] for e in logged].count("start") == 1  # rank 1 writes nothing
     # each rank sees half of the items per epoch
     assert start["steps_per_epoch"] == math.ceil(math.ceil(start["train_items"] / 2) / 8)
+
+
+@pytest.mark.slow
+def test_kill_9_mid_training_then_resume_finishes_the_run(small_config, data_dir, tmp_path):
+    """A real crash: SIGKILL the training process after a checkpoint, run the same command again."""
+    spec = {
+        "model": small_config.to_dict(),
+        "train": fast_config(max_steps=40, checkpoint_every_steps=2, val_max_items=2).to_dict(),
+    }
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(spec))
+    out = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "lsms_core.train", "--data", str(data_dir), "--out", str(out),
+        "--config-json", str(config_file),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        killed_after = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "last.json").exists():
+                step = json.loads((out / "last.json").read_text())["extra"]["training_state"]["step"]
+                if step >= 4:
+                    proc.send_signal(signal.SIGKILL)
+                    killed_after = step
+                    break
+            time.sleep(0.05)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert killed_after is not None and proc.returncode == -signal.SIGKILL, (
+        "the run ended before it could be killed"
+    )
+    for name in SAFETENSORS_FILES[1:]:
+        assert_safetensors_file(out / name)  # the checkpoint written before the kill is whole
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=170, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["step"] == 40
+    logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    starts = [e for e in logged if e["event"] == "start"]
+    assert starts[-1].get("resumed") and starts[-1]["step"] >= killed_after
