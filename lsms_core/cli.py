@@ -280,7 +280,14 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
     bar = _ProgressBar("synthesizing", "case")
     try:
-        out = synthesize(args.out, cases=args.cases, seed=args.seed, cache_dir=args.cache_dir, progress=bar)
+        out = synthesize(
+            args.out,
+            cases=args.cases,
+            seed=args.seed,
+            cache_dir=args.cache_dir,
+            phantom_fraction=args.phantom_fraction,
+            progress=bar,
+        )
     finally:
         bar.close()
     print(f"dataset: {out}")
@@ -446,6 +453,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", help="where the TotalSegmentator package is cached")
+    p.add_argument(
+        "--phantom-fraction",
+        type=float,
+        default=0.25,
+        help="share of procedural phantom cases (1.0 = phantoms only: needs no TotalSegmentator download)",
+    )
     p.set_defaults(func=cmd_data_synth)
     p = data.add_parser("import", help="convert LiTS / MSD Task03 / nnU-Net data")
     p.add_argument("src", help="source dataset folder")

@@ -242,3 +242,26 @@ def test_errors_name_the_folder(tmp_path, lits_dir, nnunet_dir):
     (nn_src / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1}}))
     with pytest.raises(ValueError, match="dataset.json: no tumour label"):
         import_dataset(nn_src, tmp_path / "o4")
+
+
+@pytest.mark.parametrize("layout", ["lits", "msd"])
+def test_cli_data_import_converts_lits_and_msd_folders(layout, lits_dir, msd_dir, tmp_path, capsys):
+    from lsms_core.cli import main
+
+    src, truth = lits_dir if layout == "lits" else msd_dir
+    out = tmp_path / f"{layout}_out"
+    assert main(["data", "import", str(src), str(out), "--kind", "auto"]) == 0
+    assert str(out) in capsys.readouterr().out
+    check_imported(out, truth)
+
+
+def test_cli_data_synth_phantoms_only_writes_a_valid_dataset(tmp_path):
+    from lsms_core.cli import main
+
+    out = tmp_path / "synth"
+    assert main(["data", "synth", str(out), "--cases", "3", "--seed", "1", "--phantom-fraction", "1.0"]) == 0
+    dataset = ReferringDataset(out)
+    assert len(dataset.cases) == 3
+    assert all(dataset.split(name) for name in ("train", "val", "test"))
+    records = dataset.expressions()
+    assert records and {r["case"] for r in records} <= set(dataset.cases)
