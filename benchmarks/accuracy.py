@@ -28,7 +28,7 @@ def _cell(value) -> str:
 def print_split_table(report: dict) -> None:
     print(f"| kind | {' | '.join(COLUMNS)} |")
     print("|---" * (len(COLUMNS) + 1) + "|")
-    rows = [("all", report["overall"])] + sorted(report["per_kind"].items())
+    rows = [("overall", report["overall"])] + sorted(report["per_kind"].items())
     for kind, metrics in rows:
         print(f"| {kind} | " + " | ".join(_cell(metrics.get(c)) for c in COLUMNS) + " |")
 
