@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: open the window and run napari's event loop."""
     import napari
 
-    launch(argv)
+    _, segment = launch(argv)
+    segment.preload()  # load the model while the user looks at the window, not after Segment
     napari.run()
     return 0
 

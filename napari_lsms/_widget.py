@@ -16,6 +16,7 @@ torch and transformers are imported only when a model is listed or loaded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import threading
@@ -487,6 +488,27 @@ class SegmentWidget(QWidget):
         worker.finished.connect(self._on_finished)
         self.worker = worker
         self._set_running(True, f"Segmenting {request.image.name!r}: {request.description!r} ...")
+        worker.start()
+        return worker
+
+    def preload(self):
+        """Load the selected model on a background thread; returns the worker (None: no model).
+
+        The main job calls this when it opens the window, so model loading (imports, weights), which
+        briefly holds Python's GIL, happens while the user reads and types, not after Segment.
+        A model that fails to load is reported when Segment is pressed.
+        """
+        model_path = self.model_combo.currentData()
+        if not model_path:
+            return None
+        device = self.device_combo.currentText() or "auto"
+        segmenters = self.segmenters
+
+        def load():
+            with contextlib.suppress(Exception):
+                segmenters.get(model_path, device)
+
+        worker = create_worker(load, _ignore_errors=True)
         worker.start()
         return worker
 

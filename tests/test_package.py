@@ -41,5 +41,5 @@ def test_manifest_is_valid_and_found_by_npe2():
     commands = {c.id for c in manifest.contributions.commands}
     for contribution in ("read_ct", "write_labels", "sample_ct", "segment_widget", "finetune_widget"):
         assert f"napari-lsms.{contribution}" in commands
-    result = subprocess.run(["npe2", "validate", "napari-lsms"], capture_output=True, text=True)
+    result = subprocess.run(["npe2", "validate", "napari-lsms"], capture_output=True, encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stdout + result.stderr

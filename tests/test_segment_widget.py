@@ -220,6 +220,18 @@ def test_segment_makes_labels_with_one_id_per_description(make_napari_viewer, qt
     assert SECOND in SegmentWidget(viewer)._completion_model.stringList()
 
 
+def test_preload_loads_the_selected_model_once_in_the_background(make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes):
+    viewer, _ = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, model_path)
+    assert len(widget.segmenters) == 0
+    loading = widget.preload()
+    assert loading is not None
+    qtbot.waitUntil(lambda: not loading.is_running, timeout=WAIT_MS)
+    assert len(widget.segmenters) == 1
+    _run(qtbot, widget, FIRST)  # the run reuses the preloaded model
+    assert len(widget.segmenters) == 1 and widget.last_result is not None
+
+
 def test_cancel_leaves_the_labels_unchanged(make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes):
     viewer, _ = _viewer_with_ct(make_napari_viewer, ct_path)
     widget = _widget(viewer, model_path)
