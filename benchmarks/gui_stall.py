@@ -36,6 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--text", default="the largest lesion in the right lobe of the liver")
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
+        "--with-truth",
+        action="store_true",
+        help="also open the sample's truth labels (hidden), as the napari-lsms main job does",
+    )
+    parser.add_argument(
         "--preload",
         action="store_true",
         help="load the model with SegmentWidget.preload() first, as the napari-lsms main job does",
@@ -119,8 +124,10 @@ def main(argv=None) -> int:
     else:
         from napari_lsms._sample_data import sample_ct
 
-        data, kwargs, _ = sample_ct()[0]
+        (data, kwargs, _), truth = sample_ct()[:2]
         viewer.add_image(data, **kwargs)
+        if args.with_truth:  # as the main job opens it: the truth labels, hidden
+            viewer.add_labels(truth[0], **{**truth[1], "visible": False})
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget)
     if not widget.select_model(model):
@@ -133,9 +140,10 @@ def main(argv=None) -> int:
     shape = viewer.layers[widget.image_combo.currentText()].data.shape
     print(f"image {shape}, model {model}, device {args.device}, timer {TICK_MS} ms")
     if args.preload:
-        loading = widget.preload()
         started = time.perf_counter()
-        while loading is not None and loading.is_running:
+        if widget.preload() is None:
+            raise SystemExit("no model selected: nothing to preload")
+        while len(widget.segmenters) == 0 and time.perf_counter() - started < 120:
             app.processEvents()
             time.sleep(0.001)
         print(f"preloaded the model in {time.perf_counter() - started:.2f} s (before the measured runs)")
