@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lsms_core._common import dataclass_from_dict
 from lsms_core.text_encoder import TRAINABLE_MODES, TextFeatures, encode_texts, load_text_encoder
 
 __all__ = ["LSMSConfig", "LSMS", "LSMSOutput", "TextFeatures", "SVLABlock", "FullScaleDecoder"]
@@ -172,16 +173,9 @@ class LSMSConfig:
     @classmethod
     def from_dict(cls, d: dict) -> LSMSConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise a ``ValueError`` naming them."""
-        if not isinstance(d, dict):
-            raise ValueError(f"LSMSConfig.from_dict expects a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown LSMSConfig field(s) {unknown}; known fields are {sorted(known)}. "
-                "The checkpoint may come from a newer napari-lsms: upgrade the package."
-            )
-        return cls(**d)
+        return dataclass_from_dict(
+            cls, d, " The checkpoint may come from a newer napari-lsms: upgrade the package."
+        )
 
 
 @dataclass

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lsms_core._common import dataclass_from_dict
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -171,13 +173,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         """Build from a dict (e.g. JSON); unknown keys raise a ``ValueError`` naming them."""
-        if not isinstance(d, dict):
-            raise ValueError(f"TrainConfig.from_dict expects a dict, got {type(d).__name__}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; valid fields are {sorted(known)}")
-        return cls(**d)
+        return dataclass_from_dict(cls, d)
 
 
 # --------------------------------------------------------------------------------------------

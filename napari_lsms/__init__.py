@@ -7,7 +7,7 @@ only when a widget or a reader actually runs, so napari's start-up does not pay 
 
 from __future__ import annotations
 
-import importlib
+from lsms_core._common import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -22,14 +22,4 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str):
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'napari_lsms' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
