@@ -43,3 +43,19 @@ def test_manifest_is_valid_and_found_by_npe2():
         assert f"napari-lsms.{contribution}" in commands
     result = subprocess.run(["npe2", "validate", "napari-lsms"], capture_output=True, encoding="utf-8", errors="replace")
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_atomic_writes_keep_normal_permissions_even_when_the_writer_replaces_the_file(tmp_path):
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from lsms_core._atomic import atomic_path
+
+    target = tmp_path / "w.safetensors"
+    with atomic_path(target) as tmp:
+        save_file({"a": torch.zeros(2)}, str(tmp))  # safetensors creates its file 0600
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(target).st_mode & 0o777 == 0o666 & ~mask
