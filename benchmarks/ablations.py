@@ -34,7 +34,16 @@ VARIANTS: dict[str, dict] = {
     "blank_text": {},
 }
 BLANK_TEXT = "the liver lesion"
-COLUMNS = ("mIoU", "oIoU", "Dice", "P@0.5", "P@0.7", "P@0.9", "negative_accuracy")
+#: (metric key, column title)
+COLUMNS = (
+    ("mIoU", "mIoU"),
+    ("oIoU", "oIoU"),
+    ("dice", "Dice"),
+    ("P@0.5", "P@0.5"),
+    ("P@0.7", "P@0.7"),
+    ("P@0.9", "P@0.9"),
+    ("negative_accuracy", "neg. empty"),
+)
 
 
 def blank_text_dataset(data: Path, out: Path) -> Path:
@@ -89,18 +98,23 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
 
 
 def print_table(rows: list[dict]) -> None:
-    header = f"{'variant':<20}" + "".join(f"{c:>10}" for c in COLUMNS) + f"{'steps':>7}{'train s':>9}"
+    header = (
+        f"{'variant':<20}" + "".join(f"{title:>11}" for _, title in COLUMNS) + f"{'steps':>7}{'train s':>9}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
         cells = "".join(
-            f"{row.get(c):>10.3f}" if isinstance(row.get(c), (int, float)) else f"{'-':>10}" for c in COLUMNS
+            f"{row.get(key):>11.3f}" if isinstance(row.get(key), (int, float)) else f"{'-':>11}"
+            for key, _ in COLUMNS
         )
         print(f"{row['variant']:<20}{cells}{row.get('steps', 0):>7}{row.get('train_s', 0):>9.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", required=True, help="dataset folder (lsms data synth ...)")
     parser.add_argument("--out", required=True, help="output folder for the runs and ablations.json")
     parser.add_argument("--config", default=None, help="JSON whose 'model' block is the full model's config")
@@ -112,10 +126,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-max-items", type=int, default=256)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--table-only", action="store_true", help="print the table of OUT/ablations.json")
     args = parser.parse_args(argv)
 
-    rows = []
     results_path = Path(args.out) / "ablations.json"
+    if args.table_only:
+        saved = json.loads(results_path.read_text())
+        a = saved["args"]
+        print(
+            f"Ablations on {a['data']} (test split, 2D slices), {a['max_steps']} steps x batch {a['batch_size']}, "
+            f"image {a['image_size']}, seed {a['seed']}"
+        )
+        print_table(saved["rows"])
+        return 0
+
+    rows = []
     for name in args.variants:
         print(f"== {name}", file=sys.stderr, flush=True)
         rows.append(run_variant(name, args))
