@@ -30,3 +30,14 @@ def tiny_model(tiny_config):
     from lsms_core.model import LSMS
 
     return LSMS(tiny_config)
+
+
+@pytest.fixture()
+def one_torch_thread():
+    """Tiny models run as fast on one thread, and far faster when other processes share the cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

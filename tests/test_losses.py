@@ -11,13 +11,7 @@ from lsms_core.losses import LSMSLoss, info_nce_loss, soft_dice_loss
 from lsms_core.model import LSMSOutput
 from lsms_core.testing import tiny_config as make_tiny_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TEXTS = ["the lesion in the left lobe", "the small cyst", "the largest lesion", "no lesion"]

@@ -13,14 +13,7 @@ from lsms_core.losses import LSMSLoss
 from lsms_core.model import LSMS, LSMSConfig, LSMSOutput
 from lsms_core.testing import tiny_config as make_tiny_config
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run as fast on one thread, and far faster when other processes share the cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------------------------------------
