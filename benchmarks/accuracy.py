@@ -38,6 +38,7 @@ def sample_dice(model_path: str | None) -> list[dict]:
 
     from lsms_core.data.sample import load_sample
     from lsms_core.infer import Segmenter
+    from lsms_core.metrics import dice
 
     sample = load_sample()
     segmenter = Segmenter(model_path, device="cpu")
@@ -46,17 +47,14 @@ def sample_dice(model_path: str | None) -> list[dict]:
         truth = np.isin(sample.lesions, record.get("targets") or [])
         result = segmenter.segment(sample.image, record["expression"])
         pred = result.mask > 0
-        if truth.any():
-            dice = 2 * np.logical_and(pred, truth).sum() / max(pred.sum() + truth.sum(), 1)
-        else:
-            dice = None
+        score = dice(pred, truth)  # None for a negative (empty truth)
         rows.append(
             {
                 "expression": record["expression"],
                 "kind": record.get("kind"),
                 "targets": record.get("targets"),
                 "found": result.found,
-                "dice": None if dice is None else round(float(dice), 3),
+                "dice": None if score is None else round(score, 3),
                 "empty_when_negative": None if truth.any() else not pred.any(),
             }
         )
