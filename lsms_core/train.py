@@ -101,6 +101,8 @@ class TrainConfig:
             (an evenly spaced deterministic subset); ``None`` = all.
         val_batch_size: batch size of validation.
         num_workers: DataLoader worker processes.
+        cache_cases: how many decoded cases to keep in memory; ``None`` = every case of the train
+            and validation splits (no CT is decompressed twice; costs about the cases' raw size in RAM).
         device: ``"auto"`` (cuda, then mps, then cpu) or a torch device string.
         amp: bf16 autocast on CUDA; CPU and MPS always train in fp32.
         checkpoint_every_steps: write ``last.*`` every this many steps (also at every
@@ -125,6 +127,7 @@ class TrainConfig:
     val_max_items: int | None = None
     val_batch_size: int = 16
     num_workers: int = 0
+    cache_cases: int | None = None
     device: str = "auto"
     amp: bool = True
     checkpoint_every_steps: int | None = 200
@@ -150,6 +153,8 @@ class TrainConfig:
                 bad(name, "must be None or an integer >= 0 (0 or None turns it off)")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             bad("num_workers", "must be an integer >= 0")
+        if self.cache_cases is not None and (not isinstance(self.cache_cases, int) or self.cache_cases < 0):
+            bad("cache_cases", "must be None (every train/val case) or an integer >= 0")
         for name in ("lr", "text_lr"):
             if not float(getattr(self, name)) > 0:
                 bad(name, "must be a positive learning rate, e.g. 3e-4")
@@ -448,6 +453,7 @@ class Trainer:
         self.dist = _DistContext.from_env()
 
         self.dataset = open_training_data(data, train_config.train_split)
+        self.dataset.cache_size = self._cases_to_cache()
         self.data_fingerprint = self.dataset.fingerprint()
 
         self.init_from: Path | None = None
@@ -470,6 +476,14 @@ class Trainer:
             self.val_split = train_config.train_split
 
     # ---------------------------------------------------------------- paths
+
+    def _cases_to_cache(self) -> int:
+        tc = self.train_config
+        if tc.cache_cases is not None:
+            return tc.cache_cases
+        splits = self.dataset.splits
+        every = len(set(splits.get(tc.train_split, [])) | set(splits.get(tc.val_split, [])))
+        return max(self.dataset.cache_size, every)
 
     @property
     def best_model_path(self) -> Path:

@@ -195,6 +195,28 @@ def test_fit_writes_safetensors_checkpoints_events_and_log(small_config, data_di
     assert model.config.image_size == small_config.image_size
 
 
+def test_training_decodes_each_case_once(small_config, data_dir, tmp_path, monkeypatch):
+    """By default every train/val case stays in memory: two epochs read each CT file once."""
+    import lsms_core.data.dataset as dataset_module
+
+    reads: list[str] = []
+    real_read = dataset_module.read_volume
+
+    def counting_read(path, *args, **kwargs):
+        reads.append(Path(path).parent.name)
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "read_volume", counting_read)
+    run(small_config, data_dir, tmp_path / "cached", train_config=fast_config(epochs=2))
+    assert reads and len(reads) == len(set(reads)) == 3  # 2 train + 1 val cases, once each
+
+    reads.clear()  # a cache of one case re-reads while alternating between the two train cases
+    run(small_config, data_dir, tmp_path / "small", train_config=fast_config(epochs=2, cache_cases=1))
+    assert len(reads) > 3
+    with pytest.raises(ValueError, match="cache_cases"):
+        TrainConfig(cache_cases=-1)
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(small_config, data_dir, tmp_path):
     config = fast_config(max_steps=5, checkpoint_every_steps=2, augment=True)
     full, _ = run(small_config, data_dir, tmp_path / "full", train_config=config)

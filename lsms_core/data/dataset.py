@@ -331,7 +331,8 @@ class ReferringDataset:
 
     Args:
         root: the dataset folder.
-        cache_size: how many loaded cases to keep in memory (LRU).
+        cache_size: how many loaded cases to keep in memory (LRU); settable later through the
+            :attr:`cache_size` property (the Trainer keeps every training case in memory).
 
     Raises:
         ValueError / FileNotFoundError: missing or wrong ``dataset.json``, a malformed
@@ -371,7 +372,8 @@ class ReferringDataset:
         self._records = self._read_expressions()
         self._splits = self._read_splits()
         self._cache: OrderedDict[tuple[str, bool], Case] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache_size = 0
+        self.cache_size = cache_size
         self._info: dict[str, dict] = {}
 
     def __repr__(self) -> str:
@@ -404,6 +406,19 @@ class ReferringDataset:
             return [dict(r) for r in self._records]
         cases = set(self.split(split))
         return [dict(r) for r in self._records if r["case"] in cases]
+
+    @property
+    def cache_size(self) -> int:
+        """How many loaded cases stay in memory (least recently used ones are dropped first)."""
+        return self._cache_size
+
+    @cache_size.setter
+    def cache_size(self, value: int) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"cache_size must be a non-negative integer (cases), got {value!r}")
+        self._cache_size = value
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
 
     def load_case(self, case_id: str, canonical: bool = True) -> Case:
         """Load a case (image, lesions, organ), in canonical LPS orientation by default. Cached (LRU)."""
