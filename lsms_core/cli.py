@@ -216,7 +216,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from lsms_core.evaluate import evaluate_path
 
-    bar = _ProgressBar("evaluating", "batch")
+    bar = _ProgressBar("evaluating", "expression" if args.level == "volume" else "pair")
     try:
         report = evaluate_path(
             _model_path(args.model),
@@ -227,6 +227,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             max_items=args.max_items,
             progress=bar,
+            level=args.level,
         )
     finally:
         bar.close()
@@ -425,14 +426,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-progress", action="store_true", help="one JSON event per line on stdout")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="2D slice metrics of a model on a dataset split")
+    p = sub.add_parser("evaluate", help="2D slice or 3D volume metrics of a model on a dataset split")
     p.add_argument("--data", required=True, help="dataset folder")
     p.add_argument("--model", help="model file (default: the shipped model)")
     p.add_argument("--split", default="test")
     p.add_argument("--json", help="write the report here")
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-items", type=int, help="evaluate at most this many (expression, slice) pairs")
+    p.add_argument(
+        "--level",
+        choices=("slice", "volume"),
+        default="slice",
+        help="slice: 2D (expression, slice) pairs, the paper's protocol; volume: 3D, one Segmenter run "
+        "per expression over its whole case, as `lsms predict` and the plugin answer",
+    )
+    p.add_argument(
+        "--max-items", type=int, help="evaluate at most this many pairs (slice) or expressions (volume)"
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment what a text describes in a CT and write the mask")

@@ -12,7 +12,10 @@ with the expression's ``kind`` (location, size, attenuation, count, rank, combin
 Results are plain JSON: ``overall`` and ``per_kind`` metric dicts (mIoU, oIoU, Dice, P@0.5..0.9,
 negative accuracy, as defined in :mod:`lsms_core.metrics`), plus ``presence_accuracy``.
 
-Volume-level (3D) evaluation goes through :class:`~lsms_core.infer.Segmenter` instead.
+:func:`evaluate_volumes` scores what a user of ``lsms predict`` or the napari widget gets instead:
+:class:`~lsms_core.infer.Segmenter` runs over each whole case volume once per expression (body
+slices, 3D post-processing, "not found") and every (expression, case) pair is one 3D sample of the
+same metrics.
 """
 
 from __future__ import annotations
@@ -133,6 +136,68 @@ def evaluate_model(
     return _to_builtin(result, np)
 
 
+def evaluate_volumes(
+    model,
+    dataset: ReferringDataset | str | os.PathLike,
+    split: str = "test",
+    *,
+    device="cpu",
+    batch_size: int = 8,
+    max_expressions: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` in 3D: one :meth:`Segmenter.segment <lsms_core.infer.Segmenter.segment>`
+    per expression of ``split`` over its whole case, scored against the 3D target.
+
+    Args:
+        model: an :class:`~lsms_core.model.LSMS`, a model file, or a ready
+            :class:`~lsms_core.infer.Segmenter`.
+        dataset: a :class:`~lsms_core.data.dataset.ReferringDataset` or its folder.
+        max_expressions: an evenly spaced deterministic subset of at most this many expressions.
+        progress: called as ``progress(done, total)`` after each expression.
+
+    Returns:
+        ``{"split", "level": "volume", "items", "total_items", "threshold", "overall": {...},
+        "per_kind": {...}}``: mIoU, Dice and P@X over positive expressions (3D IoU per expression),
+        ``negative_accuracy`` = share of negative expressions answered with an empty volume.
+    """
+    import numpy as np
+
+    from lsms_core.data.dataset import ReferringDataset
+    from lsms_core.infer import Segmenter
+    from lsms_core.metrics import MetricAccumulator
+
+    if not isinstance(dataset, ReferringDataset):
+        dataset = ReferringDataset(dataset)
+    if not dataset.split(split):
+        raise ValueError(f"the {split!r} split of {dataset.root} has no cases; nothing to evaluate")
+    segmenter = model if isinstance(model, Segmenter) else Segmenter(model, device=device, batch_size=batch_size)
+    records = dataset.expressions(split)
+    records = [records[i] for i in evenly_spaced(len(records), max_expressions)]
+    if not records:
+        raise ValueError(f"the {split!r} split of {dataset.root} has no expressions to evaluate")
+    records.sort(key=lambda r: r["case"])  # one case in memory at a time
+    accumulator = MetricAccumulator()
+    for done, record in enumerate(records, 1):
+        case = dataset.load_case(record["case"])
+        result = segmenter.segment(case.image, record["expression"])
+        accumulator.update(result.mask > 0, dataset.target_mask(record, case) > 0, record.get("kind") or None)
+        if progress is not None:
+            progress(done, len(records))
+    computed = accumulator.compute()
+    per_kind = computed.pop("per_kind", {})
+    result = {
+        "split": split,
+        "level": "volume",
+        "items": len(records),
+        "total_items": len(dataset.expressions(split)),
+        "threshold": THRESHOLD,
+        "overall": computed,
+        "per_kind": per_kind,
+    }
+    return _to_builtin(result, np)
+
+
 def _to_builtin(value, np):
     """numpy scalars/arrays -> Python values, recursively (for ``json.dumps``)."""
     if isinstance(value, dict):
@@ -154,8 +219,12 @@ def evaluate_path(
     batch_size: int = 16,
     max_items: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    level: str = "slice",
 ) -> dict[str, Any]:
     """Load a saved model, evaluate it on ``data``'s ``split`` and optionally write the JSON report.
+
+    ``level="slice"`` runs :func:`evaluate_model` (2D pairs; ``max_items`` pairs at most),
+    ``level="volume"`` runs :func:`evaluate_volumes` (3D; ``max_items`` expressions at most).
 
     The report is :func:`evaluate_model`'s dict plus ``model`` (path), ``model_version``,
     ``data`` (folder) and ``data_fingerprint``. ``json_out`` is written atomically.
@@ -166,12 +235,21 @@ def evaluate_path(
     from lsms_core.data.dataset import ReferringDataset
     from lsms_core.infer import resolve_device
 
+    if level not in ("slice", "volume"):
+        raise ValueError(f"level must be 'slice' (2D pairs) or 'volume' (3D), got {level!r}")
     dataset = ReferringDataset(data)  # clear errors for a bad folder before loading the model
     resolved = resolve_device(device)
     model = load_model(model_path, device=resolved)
-    report = evaluate_model(
-        model, dataset, split, device=resolved, batch_size=batch_size, max_items=max_items, progress=progress
-    )
+    if level == "volume":
+        report = evaluate_volumes(
+            model, dataset, split, device=resolved, batch_size=batch_size, max_expressions=max_items,
+            progress=progress,
+        )
+    else:
+        report = evaluate_model(
+            model, dataset, split, device=resolved, batch_size=batch_size, max_items=max_items,
+            progress=progress,
+        )
     card = getattr(model, "model_card", {}) or {}
     report = {
         "model": str(model_path),

@@ -264,6 +264,10 @@ def test_train_json_progress_then_evaluate(tiny_encoder_dir, tmp_path, capsys):
     assert main([*args, "--json", str(report), "--device", "cpu", "--max-items", "4"]) == 0
     assert "test: " in capsys.readouterr().out
     assert "mIoU" in json.loads(report.read_text())["overall"]
+    volume_report = tmp_path / "volume.json"
+    assert main([*args, "--level", "volume", "--json", str(volume_report), "--max-items", "2"]) == 0
+    saved = json.loads(volume_report.read_text())
+    assert saved["level"] == "volume" and saved["items"] == 2 and "mIoU" in saved["overall"]
 
 
 def test_gui_passes_its_arguments_to_napari_lsms(monkeypatch, capsys):

@@ -122,3 +122,59 @@ def test_bad_split_or_data_raise_clear_errors(model, data_dir, tmp_path):
         evaluate_path(tmp_path / "m.safetensors", tmp_path / "nowhere", "test")
     with pytest.raises(ValueError, match="batch_size"):
         evaluate_model(model, data_dir, "test", batch_size=0)
+
+
+# ---------------------------------------------------------------- 3D: evaluate_volumes
+
+
+def test_volume_evaluation_scores_each_expression_in_3d(model, data_dir):
+    """An oracle Segmenter scores 1.0, one that answers "not found" scores 0 with every negative
+    right; kinds and counts follow expressions.jsonl, and the CLI-facing path agrees."""
+    from lsms_core.data.dataset import ReferringDataset
+    from lsms_core.evaluate import evaluate_volumes
+    from lsms_core.infer import SegmentationResult, Segmenter
+
+    dataset = ReferringDataset(data_dir)
+    records = dataset.expressions("test")
+    segmenter = Segmenter(model, device="cpu")
+    seen: list[str] = []
+
+    def oracle(image, text, **kwargs):
+        seen.append(text)
+        record = next(
+            r for r in records if r["expression"] == text and dataset.load_case(r["case"]).image is image
+        )
+        truth = dataset.target_mask(record, dataset.load_case(record["case"]))
+        return SegmentationResult(
+            mask=truth, slice_scores=np.zeros(truth.shape[0]), found=bool(truth.any()), cancelled=False, text=text
+        )
+
+    segmenter.segment = oracle
+    calls = []
+    report = evaluate_volumes(segmenter, dataset, "test", progress=lambda d, t: calls.append((d, t)))
+    assert report["level"] == "volume" and report["items"] == len(records) == len(seen)
+    assert calls[-1] == (len(records), len(records))
+    positives = [r for r in records if r.get("targets")]
+    assert positives and report["overall"]["mIoU"] == pytest.approx(1.0)
+    assert report["overall"]["n_positive"] == len(positives)
+    kinds = {r.get("kind") for r in records}
+    assert set(report["per_kind"]) == kinds
+    json.dumps(report)
+
+    force_outputs(model, mask_logit=5.0, presence_logit=-10.0)  # the real model now finds nothing
+    empty = evaluate_volumes(model, dataset, "test", max_expressions=3)
+    assert empty["items"] == 3 and empty["total_items"] == len(records)
+    if empty["overall"]["n_positive"]:
+        assert empty["overall"]["mIoU"] == 0.0
+    if empty["overall"]["n_negative"]:
+        assert empty["overall"]["negative_accuracy"] == 1.0
+
+
+def test_volume_level_through_evaluate_path(model, data_dir, tmp_path):
+    from lsms_core.checkpoint import save_model
+
+    path = save_model(model, tmp_path / "m.safetensors", version="3")
+    report = evaluate_path(path, data_dir, "test", level="volume", max_items=2)
+    assert report["level"] == "volume" and report["items"] == 2 and report["model_version"] == "3"
+    with pytest.raises(ValueError, match="level"):
+        evaluate_path(path, data_dir, "test", level="cube")
