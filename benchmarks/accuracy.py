@@ -1,5 +1,6 @@
-"""Accuracy of a model: test-split figures (2D slices, overall and per expression kind) and the
-3D answer on the sample CT for each of its expressions.
+"""Accuracy of a model: test-split figures (2D slices, overall and per expression kind), the same
+split in 3D (one Segmenter answer per expression over its whole case) and the 3D answer on the
+sample CT for each of its expressions.
 
     python benchmarks/accuracy.py --data data/bench48 [--model lsms_core/weights/default.safetensors]
 
@@ -7,6 +8,7 @@ The 2D figures come from :func:`lsms_core.evaluate.evaluate_model` (the paper's 
 (expression, slice) pair of the split); the sample figures run :class:`lsms_core.infer.Segmenter`
 over the whole sample volume, as ``lsms predict`` and the napari widget do, and compare the 3D mask
 with the sample's truth (Dice; an expression that refers to nothing must give an empty mask).
+The 3D split figures come from :func:`lsms_core.evaluate.evaluate_volumes` (``--no-volumes`` skips them).
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=None, help="model file (default: the shipped model)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--json", default=None, help="also write all figures to this JSON file")
+    parser.add_argument("--no-volumes", action="store_true", help="skip the 3D evaluation of the split")
     args = parser.parse_args(argv)
 
     from lsms_core.checkpoint import default_model_path
@@ -76,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate_path(model, args.data, split=args.split)
     print(f"## {args.split} split of {args.data}: {report['items']} (expression, slice) pairs, model {model}")
     print_split_table(report)
+
+    volumes = None
+    if not args.no_volumes:
+        volumes = evaluate_path(model, args.data, split=args.split, level="volume")
+        print(
+            f"\n## {args.split} split in 3D (Segmenter over each whole case): {volumes['items']} expressions"
+        )
+        print_split_table(volumes)
 
     rows = sample_dice(args.model)
     positives = [r["dice"] for r in rows if r["dice"] is not None]
@@ -92,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if negatives:
         print(f"negative expressions answered empty: {sum(negatives)} / {len(negatives)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"split": report, "sample": rows}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"split": report, "volumes": volumes, "sample": rows}, indent=2) + "\n")
     return 0
 
 
