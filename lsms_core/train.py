@@ -273,7 +273,7 @@ def _augmentation_rng(train_set):
     """
     import numpy as np
 
-    rng = getattr(train_set, "_rng", None)
+    rng = getattr(train_set, "augmentation_rng", None)
     return rng if isinstance(rng, np.random.Generator) else None
 
 

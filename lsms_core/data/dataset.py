@@ -664,7 +664,8 @@ class _SliceDataset:
             raise ValueError(f"{self.dataset.root}: split {split!r} has no expressions; nothing to train on")
         self._target_cache: OrderedDict[str, np.ndarray] = OrderedDict()
         self.items: list[tuple[int, int, bool]] = self._build_index(np.random.default_rng(seed))
-        self._rng = np.random.default_rng(seed + 1)
+        #: The generator behind the augmentations; the Trainer checkpoints its state for exact resume.
+        self.augmentation_rng = np.random.default_rng(seed + 1)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -760,7 +761,7 @@ class _SliceDataset:
         import torch
         import torch.nn.functional as F
 
-        rng = self._rng
+        rng = self.augmentation_rng
         scale = rng.uniform(0.9, 1.1)
         tx, ty = rng.uniform(-0.05, 0.05, size=2) * 2  # normalised coordinates span [-1, 1]
         theta = torch.tensor([[[1 / scale, 0.0, tx], [0.0, 1 / scale, ty]]], dtype=torch.float32)
