@@ -1,6 +1,7 @@
 """Train the full LSMS and each ablation with the same budget, then compare them side by side.
 
-    python benchmarks/ablations.py --data data/bench --out runs/ablations --max-steps 400
+    python benchmarks/ablations.py --data data/bench240 --out runs/ablations240 \
+        --config benchmarks/default_model.json --max-steps 1200
 
 Variants (one switch each, everything else identical: data, seed, steps, batch, learning rate):
 
@@ -66,6 +67,13 @@ def blank_text_dataset(data: Path, out: Path) -> Path:
     return target
 
 
+def full_model_fields(args: argparse.Namespace) -> dict:
+    """The full model's LSMSConfig fields: --config's "model" block, then --image-size/--in-slices."""
+    base = json.loads(Path(args.config).read_text()).get("model", {}) if args.config else {}
+    overrides = {k: v for k, v in (("image_size", args.image_size), ("in_slices", args.in_slices)) if v}
+    return {**base, **overrides}
+
+
 def run_variant(name: str, args: argparse.Namespace) -> dict:
     from lsms_core.checkpoint import load_model
     from lsms_core.evaluate import evaluate_model
@@ -75,10 +83,7 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
     data = Path(args.data)
     if name == "blank_text":
         data = blank_text_dataset(data, Path(args.out))
-    base = json.loads(Path(args.config).read_text()).get("model", {}) if args.config else {}
-    model_config = LSMSConfig.from_dict(
-        {**base, "image_size": args.image_size, "in_slices": args.in_slices, **VARIANTS[name]}
-    )
+    model_config = LSMSConfig.from_dict({**full_model_fields(args), **VARIANTS[name]})
     train_config = TrainConfig(
         max_steps=args.max_steps,
         batch_size=args.batch_size,
@@ -121,8 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-steps", type=int, default=400)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--in-slices", type=int, default=1)
+    parser.add_argument("--image-size", type=int, default=None, help="default: --config's, else 256")
+    parser.add_argument("--in-slices", type=int, default=None, help="default: --config's, else 1")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--val-max-items", type=int, default=256)
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
@@ -135,10 +140,15 @@ def main(argv: list[str] | None = None) -> int:
         a = saved["args"]
         print(
             f"Ablations on {a['data']} (test split, 2D slices), {a['max_steps']} steps x batch {a['batch_size']}, "
-            f"image {a['image_size']}, seed {a['seed']}"
+            f"image {a['image_size']}, in_slices {a.get('in_slices', 1)}, seed {a['seed']}"
         )
         print_table(saved["rows"])
         return 0
+
+    from lsms_core.model import LSMSConfig
+
+    resolved = LSMSConfig.from_dict(full_model_fields(args))
+    args.image_size, args.in_slices = resolved.image_size, resolved.in_slices  # as run and printed
 
     rows = []
     for name in args.variants:
@@ -148,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         results_path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     print(
         f"Ablations on {args.data} (test split, 2D slices), {args.max_steps} steps x batch {args.batch_size}, "
-        f"image {args.image_size}, seed {args.seed}"
+        f"image {args.image_size}, in_slices {args.in_slices}, seed {args.seed}"
     )
     print_table(rows)
     return 0
