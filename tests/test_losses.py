@@ -88,7 +88,7 @@ def test_dice_term_ignores_empty_targets_so_they_cannot_force_empty_predictions(
     expected = soft_dice_loss(out.logits[[0, 2]], target[[0, 2]]).mean()
     torch.testing.assert_close(loss_fn.segmentation_loss(out, target), expected)
     # all targets empty: no Dice term at all (BCE alone says "predict nothing")
-    assert float(loss_fn.segmentation_loss(out, _targets(4, empty=(0, 1, 2, 3)))) == 0.0
+    assert loss_fn.segmentation_loss(out, _targets(4, empty=(0, 1, 2, 3))).detach().item() == 0.0
 
 
 def test_soft_dice_values():
