@@ -42,6 +42,18 @@ def evenly_spaced(n: int, max_items: int | None) -> list[int]:
     return sorted({(i * n) // max_items for i in range(max_items)})
 
 
+def _open_split(dataset, split: str) -> ReferringDataset:
+    """``dataset`` as a :class:`~lsms_core.data.dataset.ReferringDataset`; a clear error when
+    ``split`` is unknown (raised by ``split()``) or has no cases."""
+    from lsms_core.data.dataset import ReferringDataset
+
+    if not isinstance(dataset, ReferringDataset):
+        dataset = ReferringDataset(dataset)
+    if not dataset.split(split):
+        raise ValueError(f"the {split!r} split of {dataset.root} has no cases; nothing to evaluate")
+    return dataset
+
+
 def evaluate_model(
     model: LSMS,
     dataset: ReferringDataset | str | os.PathLike,
@@ -73,16 +85,13 @@ def evaluate_model(
     import torch
     from torch.utils.data import DataLoader, Subset
 
-    from lsms_core.data.dataset import ReferringDataset, SliceDataset
+    from lsms_core.data.dataset import SliceDataset
     from lsms_core.metrics import MetricAccumulator
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     config = model.config
-    if not isinstance(dataset, ReferringDataset):
-        dataset = ReferringDataset(dataset)
-    if not dataset.split(split):
-        raise ValueError(f"the {split!r} split of {dataset.root} has no cases; nothing to evaluate")
+    dataset = _open_split(dataset, split)
     size = int(image_size or config.image_size)
     pairs = SliceDataset(
         dataset,
@@ -163,17 +172,15 @@ def evaluate_volumes(
     """
     import numpy as np
 
-    from lsms_core.data.dataset import ReferringDataset
     from lsms_core.infer import Segmenter
     from lsms_core.metrics import MetricAccumulator
 
-    if not isinstance(dataset, ReferringDataset):
-        dataset = ReferringDataset(dataset)
-    if not dataset.split(split):
-        raise ValueError(f"the {split!r} split of {dataset.root} has no cases; nothing to evaluate")
-    segmenter = model if isinstance(model, Segmenter) else Segmenter(model, device=device, batch_size=batch_size)
-    records = dataset.expressions(split)
-    records = [records[i] for i in evenly_spaced(len(records), max_expressions)]
+    dataset = _open_split(dataset, split)
+    segmenter = (
+        model if isinstance(model, Segmenter) else Segmenter(model, device=device, batch_size=batch_size)
+    )
+    every = dataset.expressions(split)
+    records = [every[i] for i in evenly_spaced(len(every), max_expressions)]
     if not records:
         raise ValueError(f"the {split!r} split of {dataset.root} has no expressions to evaluate")
     records.sort(key=lambda r: r["case"])  # one case in memory at a time
@@ -190,7 +197,7 @@ def evaluate_volumes(
         "split": split,
         "level": "volume",
         "items": len(records),
-        "total_items": len(dataset.expressions(split)),
+        "total_items": len(every),
         "threshold": THRESHOLD,
         "overall": computed,
         "per_kind": per_kind,
@@ -242,12 +249,22 @@ def evaluate_path(
     model = load_model(model_path, device=resolved)
     if level == "volume":
         report = evaluate_volumes(
-            model, dataset, split, device=resolved, batch_size=batch_size, max_expressions=max_items,
+            model,
+            dataset,
+            split,
+            device=resolved,
+            batch_size=batch_size,
+            max_expressions=max_items,
             progress=progress,
         )
     else:
         report = evaluate_model(
-            model, dataset, split, device=resolved, batch_size=batch_size, max_items=max_items,
+            model,
+            dataset,
+            split,
+            device=resolved,
+            batch_size=batch_size,
+            max_items=max_items,
             progress=progress,
         )
     card = getattr(model, "model_card", {}) or {}
