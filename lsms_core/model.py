@@ -11,7 +11,8 @@ Architecture (see ``docs/model.md`` for shapes per stage)::
                                              e1            e2             e3            e4
     Full-Scale Decoder: level s ∈ {32,16,8,4} fuses every e_j (pooled/upsampled, 1x1-projected)
     and every coarser decoder output, 3x3 conv + BN + GELU, FiLM(sentence), 1x1 deep-supervision
-    head. Final logits = head(d4) bilinearly upsampled to the input size.
+    head. Final logits = head(d4) bilinearly upsampled to the input size (with ``refine_head``: plus
+    a residual from a light stride-2/stride-1 head over the stem feature and the input).
 
 **SVLA block** (Scale-aware Vision-Language Attention), in every encoder stage::
 
@@ -41,7 +42,7 @@ from torch import nn
 from lsms_core._common import dataclass_from_dict
 from lsms_core.text_encoder import TRAINABLE_MODES, TextFeatures, encode_texts, load_text_encoder
 
-__all__ = ["LSMSConfig", "LSMS", "LSMSOutput", "TextFeatures", "SVLABlock", "FullScaleDecoder"]
+__all__ = ["LSMSConfig", "LSMS", "LSMSOutput", "TextFeatures", "SVLABlock", "FullScaleDecoder", "RefinementHead"]
 
 DECODERS = ("fsd", "unet")
 #: Output strides of the four encoder stages.
@@ -68,6 +69,9 @@ class LSMSConfig:
     (full-scale) or "unet" (same-scale skips only); ``strip_kernels`` are the 1xk/kx1 strip sizes of
     the scale branch.
     Decoder: each source is projected to ``decoder_skip_dim`` channels and fused to ``decoder_dim``.
+    ``refine_head`` adds a light full-resolution head (stride 4 → 2 → 1, ``refine_dim`` channels,
+    the stem's stride-2 feature and the input as skips) that corrects the upsampled stride-4 logits;
+    its last layer starts at zero, so a saved model grown with it starts where it was.
     Loss: ``seg_bce_weight`` + ``seg_dice_weight`` on the final logits, ``deep_supervision_weights``
     for the aux logits at strides 8, 16, 32; ``contrastive_weight`` (0 = off) with projection size
     ``embed_dim`` and learnable temperature starting at ``contrastive_temperature_init``;
@@ -93,6 +97,8 @@ class LSMSConfig:
     decoder: str = "fsd"
     decoder_skip_dim: int = 16
     decoder_dim: int = 32
+    refine_head: bool = False
+    refine_dim: int = 16
     # losses
     embed_dim: int = 128
     seg_bce_weight: float = 1.0
@@ -148,7 +154,9 @@ class LSMSConfig:
             fail("mlp_ratio", "must be positive")
         if self.decoder not in DECODERS:
             fail("decoder", f"must be one of {DECODERS}")
-        for name in ("decoder_skip_dim", "decoder_dim", "embed_dim"):
+        if not isinstance(self.refine_head, bool):
+            fail("refine_head", "must be true or false")
+        for name in ("decoder_skip_dim", "decoder_dim", "refine_dim", "embed_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, "must be a positive integer")
         if len(self.deep_supervision_weights) != 3:
@@ -365,16 +373,23 @@ class VisualEncoder(nn.Module):
         )
         self.norms = nn.ModuleList(nn.BatchNorm2d(d) for d in dims)
 
-    def forward(self, x: torch.Tensor, text: TextFeatures) -> list[torch.Tensor]:
+    @property
+    def stem_dim(self) -> int:
+        """Channels of the stem's stride-2 feature."""
+        return self.stem[0][0].out_channels
+
+    def forward(self, x: torch.Tensor, text: TextFeatures) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(stem feature at stride 2, [e1, e2, e3, e4] at strides 4, 8, 16, 32])``."""
         features = []
-        x = self.stem(x)
+        stem2 = self.stem[0](x)
+        x = self.stem[1](stem2)
         for downsample, blocks, norm in zip(self.downsamples, self.stages, self.norms):
             x = downsample(x)
             for block in blocks:
                 x = block(x, text)
             x = norm(x)
             features.append(x)
-        return features
+        return stem2, features
 
 
 class FullScaleDecoder(nn.Module):
@@ -447,6 +462,35 @@ class FullScaleDecoder(nn.Module):
         return decoded, logits
 
 
+class RefinementHead(nn.Module):
+    """Full-resolution refinement of the stride-4 logits (our addition; the paper is silent).
+
+    Two x2 steps, each a 3x3 conv + BN + GELU over [upsampled features, upsampled coarse logits,
+    skip]: at stride 2 the skip is the stem's first feature map, at stride 1 the input itself (the
+    CT's own edges place the boundary). A zero-initialised 1x1 conv turns the result into a residual
+    added to the bilinearly upsampled coarse logits.
+    """
+
+    def __init__(self, decoder_dim: int, stem_dim: int, in_ch: int, dim: int):
+        super().__init__()
+        self.fuse2 = ConvNormAct(decoder_dim + 1 + stem_dim, dim, 3)
+        self.fuse1 = ConvNormAct(dim + 1 + in_ch, dim, 3)
+        self.out = nn.Conv2d(dim, 1, 1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(
+        self, decoded: torch.Tensor, coarse_logits: torch.Tensor, stem2: torch.Tensor, image: torch.Tensor
+    ) -> torch.Tensor:
+        def up(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+            return F.interpolate(t, size=like.shape[-2:], mode="bilinear", align_corners=False)
+
+        h = self.fuse2(torch.cat([up(decoded, stem2), up(coarse_logits, stem2), stem2], dim=1))
+        coarse = up(coarse_logits, image)
+        h = self.fuse1(torch.cat([up(h, image), coarse, image], dim=1))
+        return coarse + self.out(h)
+
+
 class PresenceHead(nn.Module):
     """Is the described lesion in this slice? Global avg+max of the deepest decoder level + sentence."""
 
@@ -510,6 +554,16 @@ class LSMS(nn.Module):
         self.encoder = VisualEncoder(config, text_dim)
         self.decoder = FullScaleDecoder(
             config.embed_dims, text_dim, config.decoder_skip_dim, config.decoder_dim, config.decoder == "fsd"
+        )
+        self.refine_head = (
+            RefinementHead(
+                config.decoder_dim,
+                self.encoder.stem_dim,
+                config.in_slices + (2 if config.coord_channels else 0),
+                config.refine_dim,
+            )
+            if config.refine_head
+            else None
         )
         self.presence_head = PresenceHead(config.decoder_dim, text_dim)
         self.visual_proj = nn.Conv2d(config.decoder_dim, config.embed_dim, 1)
@@ -619,13 +673,16 @@ class LSMS(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
 
-        features = self.encoder(x, text)
+        stem2, features = self.encoder(x, text)
         decoded, level_logits = self.decoder(features, text.sentence)
 
         def crop(t: torch.Tensor, stride: int) -> torch.Tensor:
             return t[..., : math.ceil(height / stride), : math.ceil(width / stride)]
 
-        logits = F.interpolate(level_logits[0], size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if self.refine_head is not None:
+            logits = self.refine_head(decoded[0], level_logits[0], stem2, x)
+        else:
+            logits = F.interpolate(level_logits[0], size=x.shape[-2:], mode="bilinear", align_corners=False)
         visual_map = crop(self.visual_proj(decoded[0]), STRIDES[0])
         weights = torch.sigmoid(crop(level_logits[0], STRIDES[0]))
         visual_embedding = (visual_map * weights).sum((2, 3)) / weights.sum((2, 3)).clamp_min(1e-6)

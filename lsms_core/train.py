@@ -70,6 +70,10 @@ TRAINING_FIELDS = (
     "presence_weight",
 )
 
+#: ``LSMSConfig`` switches that add zero-initialised modules: with ``init_from`` they may be turned
+#: on (not off), so a saved model is grown by them and starts exactly where it was.
+GROWABLE_FIELDS = ("refine_head", "refine_dim")
+
 EVENTS = ("start", "step", "validation", "checkpoint", "end", "stopped")
 
 
@@ -513,6 +517,9 @@ class Trainer:
         for name in TRAINING_FIELDS:
             if name in requested and name in merged:
                 merged[name] = requested[name]
+        if requested.get("refine_head") and not merged.get("refine_head"):
+            for name in GROWABLE_FIELDS:
+                merged[name] = requested[name]
         if self.init_card.get("includes_text_encoder") and merged.get("text_trainable") == "frozen":
             logger.warning(
                 "%s has a fine-tuned text encoder; keeping text_trainable=%r so its weights stay in "
@@ -538,10 +545,28 @@ class Trainer:
         from lsms_core.text_encoder import apply_trainable_policy
 
         model = load_model(self.init_from, device=device)
+        if config.refine_head and not model.config.refine_head:
+            model = self._grow(model, config).to(device)
         model.config = config
         apply_trainable_policy(model.text_encoder, config.text_trainable, config.text_trainable_layers)
         logger.info("fine-tuning %s (text encoder: %s)", self.init_from, config.text_trainable)
         return model
+
+    @staticmethod
+    def _grow(saved: LSMS, config: LSMSConfig) -> LSMS:
+        """A model built from ``config`` holding every weight of ``saved``; only the modules that
+        ``GROWABLE_FIELDS`` switched on are new (and start as no-ops)."""
+        from lsms_core.model import LSMS
+
+        grown = LSMS(config, text_encoder=saved.text_encoder, tokenizer=saved.tokenizer)
+        missing, unexpected = grown.load_state_dict(saved.state_dict(), strict=False)
+        if unexpected or any(not k.startswith("refine_head.") for k in missing):
+            raise ValueError(
+                f"cannot grow the saved model into the requested config (missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}); only {GROWABLE_FIELDS} may change when fine-tuning"
+            )
+        logger.info("grown with a refinement head: %d new weight tensors", len(missing))
+        return grown
 
     def _param_groups(self, model) -> list[dict]:
         """AdamW groups: decayed weights, non-decayed biases/norms/scalars, text encoder (text_lr)."""

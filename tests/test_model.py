@@ -3,11 +3,13 @@ switches, bad input, and a tiny model that learns to pick the lesion the text de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from lsms_core.losses import LSMSLoss
 from lsms_core.model import LSMS, LSMSConfig, LSMSOutput
@@ -182,6 +184,7 @@ def test_count_parameters_separates_the_text_encoder(tiny_model):
         {"decoder": "unet"},
         {"in_slices": 3},
         {"coord_channels": False},
+        {"refine_head": True},
     ],
 )
 def test_ablation_switches_build_and_run(tiny_encoder_dir, tiny_model, switches):
@@ -191,11 +194,32 @@ def test_ablation_switches_build_and_run(tiny_encoder_dir, tiny_model, switches)
     names = {n for n, _ in model.named_parameters()}
     assert any("scale_attn" in n for n in names) == switches.get("use_scale_branch", True)
     assert any("language_attn" in n for n in names) == switches.get("use_language_branch", True)
+    assert any(n.startswith("refine_head.") for n in names) == switches.get("refine_head", False)
     if switches.get("decoder") == "unet":  # only same-scale skips: one encoder source per level
         assert all(len(p) == 1 for p in model.decoder.enc_proj)
     _backward(model, batch=2)
     out = model.eval()(torch.rand(1, model.config.in_slices, 40, 50), ["the lesion"])
     assert out.logits.shape == (1, 1, 40, 50) and torch.isfinite(out.logits).all()
+
+
+def test_refinement_head_starts_as_the_upsampled_coarse_logits_then_learns(tiny_encoder_dir, tiny_model):
+    torch.manual_seed(0)
+    config = make_tiny_config(tiny_encoder_dir, refine_head=True)
+    model = LSMS(config, tiny_model.text_encoder, tiny_model.tokenizer)
+    plain = LSMS(dataclasses.replace(config, refine_head=False), tiny_model.text_encoder, tiny_model.tokenizer)
+    plain.load_state_dict(model.state_dict(), strict=False)
+    images, texts = torch.rand(2, 1, 40, 50), ["the lesion", "the largest lesion"]
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(images, texts).logits, plain.eval()(images, texts).logits)
+    # its last layer starts at zero but gets a gradient, so one step makes it a real correction
+    opt = torch.optim.SGD(model.refine_head.parameters(), lr=0.1)
+    target = (torch.rand(2, 1, 40, 50) > 0.5).float()
+    model.train()
+    F.binary_cross_entropy_with_logits(model(images, texts).logits, target).backward()
+    assert model.refine_head.out.weight.grad.abs().sum() > 0
+    opt.step()
+    with torch.no_grad():
+        assert not torch.allclose(model.eval()(images, texts).logits, plain(images, texts).logits)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -305,6 +305,28 @@ def test_fine_tune_from_saved_model(small_config, data_dir, tmp_path):
     assert card["config"]["presence_weight"] == 0.5
 
 
+def test_fine_tune_can_grow_a_saved_model_with_the_refinement_head(small_config, data_dir, tmp_path):
+    from lsms_core.checkpoint import load_model, save_model
+    from lsms_core.model import LSMS
+
+    torch.manual_seed(0)
+    base = save_model(LSMS(small_config), tmp_path / "base.safetensors")
+    saved = load_model(base)
+    requested = dataclasses.replace(small_config, refine_head=True, refine_dim=4)
+    trainer = Trainer(requested, fast_config(max_steps=1), data_dir, tmp_path / "ft", init_from=base)
+    grown = trainer._build_model(trainer._resolve_model_config(), torch.device("cpu")).eval()
+    assert grown.config.refine_head and grown.config.refine_dim == 4
+    images = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():  # the grown model starts exactly where the saved one was
+        torch.testing.assert_close(grown(images, "the lesion").logits, saved(images, "the lesion").logits)
+    summary = trainer.fit()
+    assert summary["step"] == 1
+    card = json.loads((tmp_path / "ft" / "model.json").read_text())
+    assert card["config"]["refine_head"] is True
+    assert any(k.startswith("refine_head.") for k in load_tensors(tmp_path / "ft" / "model.safetensors"))
+    assert load_model(tmp_path / "ft" / "model.safetensors").refine_head is not None
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
