@@ -34,6 +34,7 @@ VARIANTS = {
     "no language branch": {"use_language_branch": False},
     "unet decoder": {"decoder": "unet"},
     "in_slices=3": {"in_slices": 3},
+    "refine head": {"refine_head": True},
 }
 TEXT = "the largest hypodense lesion in the right lobe of the liver"
 
