@@ -60,7 +60,10 @@ STATE_FORMAT_VERSION = 1
 
 #: ``LSMSConfig`` fields that describe how to train, not the architecture: with ``init_from``
 #: they come from the ``model_config`` given to the Trainer, everything else from the saved model.
+#: ``image_size`` is here because the weights work at any input size (fully convolutional,
+#: normalised coordinates), so a model can be fine-tuned at a higher resolution.
 TRAINING_FIELDS = (
+    "image_size",
     "text_trainable",
     "text_trainable_layers",
     "seg_bce_weight",

@@ -294,7 +294,9 @@ def test_fine_tune_from_saved_model(small_config, data_dir, tmp_path):
     from lsms_core.model import LSMS
 
     base = save_model(LSMS(small_config), tmp_path / "base.safetensors")
-    requested = dataclasses.replace(small_config, embed_dims=(8, 8, 8, 8), presence_weight=0.5)
+    requested = dataclasses.replace(
+        small_config, embed_dims=(8, 8, 8, 8), presence_weight=0.5, image_size=64
+    )
     summary, events = run(
         requested, data_dir, tmp_path / "ft", train_config=fast_config(max_steps=1), init_from=base
     )
@@ -303,6 +305,7 @@ def test_fine_tune_from_saved_model(small_config, data_dir, tmp_path):
     # the saved architecture wins, the training fields come from the requested config
     assert card["config"]["embed_dims"] == list(small_config.embed_dims)
     assert card["config"]["presence_weight"] == 0.5
+    assert card["config"]["image_size"] == 64  # the input size may change: the weights work at any size
 
 
 def test_fine_tune_can_grow_a_saved_model_with_the_refinement_head(small_config, data_dir, tmp_path):
