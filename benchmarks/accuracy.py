@@ -27,10 +27,13 @@ def _cell(value) -> str:
     return "-" if value is None else str(value)
 
 
-def print_split_table(report: dict) -> None:
-    print(f"| kind | {' | '.join(COLUMNS)} |")
+def print_split_table(report: dict, group: str = "per_kind") -> None:
+    """Overall + one row per kind (``group="per_kind"``) or per target size (``"per_target_size"``)."""
+    label = "kind" if group == "per_kind" else "target share of the slice"
+    print(f"| {label} | {' | '.join(COLUMNS)} |")
     print("|---" * (len(COLUMNS) + 1) + "|")
-    rows = [("overall", report["overall"])] + sorted(report["per_kind"].items())
+    groups = sorted(report[group].items()) if group == "per_kind" else list(report[group].items())
+    rows = [("overall", report["overall"])] + groups
     for kind, metrics in rows:
         print(f"| {kind} | " + " | ".join(_cell(metrics.get(c)) for c in COLUMNS) + " |")
 
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate_path(model, args.data, split=args.split)
     print(f"## {args.split} split of {args.data}: {report['items']} (expression, slice) pairs, model {model}")
     print_split_table(report)
+    print(f"\n## The same pairs by target size (share of the {report['image_size']}^2 slice; positives only)")
+    print_split_table(report, "per_target_size")
 
     volumes = None
     if not args.no_volumes:

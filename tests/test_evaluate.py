@@ -11,7 +11,7 @@ import pytest
 import torch
 from _datasets import make_tiny_dataset
 
-from lsms_core.evaluate import evaluate_model, evaluate_path, evenly_spaced
+from lsms_core.evaluate import evaluate_model, evaluate_path, evenly_spaced, target_size_group
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,20 @@ def test_metrics_match_a_hand_computation(model, data_dir):
     assert overall["presence_accuracy"] == pytest.approx(len(positives) / len(areas))
     kinds = [pairs[i]["kind"] for i in range(len(pairs))]
     assert report["per_kind"]["negative"]["n"] == kinds.count("negative")
+    # by target size: only positives, each group's mIoU is its own targets' share of the slice
+    groups = [target_size_group(int(a), pixels) for a in positives]
+    assert sum(g["n"] for g in report["per_target_size"].values()) == len(positives)
+    for name, metrics in report["per_target_size"].items():
+        mine = positives[[g == name for g in groups]]
+        assert metrics["n"] == len(mine) and metrics["mIoU"] == pytest.approx(float(np.mean(mine / pixels)))
+
+
+def test_target_size_groups():
+    assert target_size_group(0, 1000) is None
+    assert target_size_group(1, 10_000) == "< 0.05 %"  # 0.01 %
+    assert target_size_group(5, 10_000) == "0.05-0.15 %"  # the bound belongs to the next group
+    assert target_size_group(100, 10_000) == "0.5-1.5 %"
+    assert target_size_group(10_000, 10_000) == ">= 1.5 %"
 
 
 def test_max_items_takes_an_even_deterministic_subset(model, data_dir):
