@@ -134,7 +134,7 @@ def evaluate_model(
     was_training = model.training
     model.to(device).eval()
     accumulator = MetricAccumulator()
-    by_size = MetricAccumulator()
+    sizes: list[str | None] = []  # target_size_group of each pair, in the accumulator's order
     presence_hits = done = 0
     try:
         with torch.inference_mode():
@@ -148,8 +148,7 @@ def evaluate_model(
                 pred_np, target_np = pred[:, 0].cpu().numpy(), target[:, 0].cpu().numpy()
                 accumulator.update_batch(pred_np, target_np, kinds)
                 slice_pixels = target_np.shape[1] * target_np.shape[2]
-                sizes = [target_size_group(int(t.sum()), slice_pixels) for t in target_np]
-                by_size.update_batch(pred_np, target_np, sizes)
+                sizes += [target_size_group(int(t.sum()), slice_pixels) for t in target_np]
                 done += len(kinds)
                 if progress is not None:
                     progress(done, len(indices))
@@ -158,7 +157,7 @@ def evaluate_model(
 
     computed = accumulator.compute()
     per_kind = computed.pop("per_kind", {})
-    size_metrics = by_size.compute()["per_kind"]
+    size_metrics = accumulator.compute_by(sizes)
     per_target_size = {name: size_metrics[name] for _, name in TARGET_SIZE_GROUPS if name in size_metrics}
     overall = {**computed, "presence_accuracy": presence_hits / len(indices)}
     result = {

@@ -183,8 +183,16 @@ class MetricAccumulator:
     def compute(self) -> dict:
         """Overall metrics and ``"per_kind"`` metrics (kinds that were given, sorted by name)."""
         result = summarize(self._stats)
-        kinds = sorted({k for k in self._kinds if k is not None})
-        result["per_kind"] = {
-            kind: summarize(s for s, k in zip(self._stats, self._kinds) if k == kind) for kind in kinds
-        }
+        result["per_kind"] = self.compute_by(self._kinds)
         return result
+
+    def compute_by(self, labels: Iterable[str | None]) -> dict:
+        """Metrics per label, sorted by name: ``labels`` gives one label per collected sample, in
+        the order they were added (None leaves a sample out), e.g. a grouping beside ``kind``."""
+        labels = list(labels)
+        if len(labels) != len(self._stats):
+            raise ValueError(f"got {len(labels)} labels for {len(self._stats)} samples")
+        names = sorted({label for label in labels if label is not None})
+        return {
+            name: summarize(s for s, label in zip(self._stats, labels) if label == name) for name in names
+        }

@@ -60,6 +60,13 @@ def test_accumulator_by_hand():
     assert r["per_kind"]["location"]["mIoU"] == pytest.approx(3 / 7)
     assert r["per_kind"]["location"]["negative_accuracy"] is None
     assert r["per_kind"]["negative"]["mIoU"] is None and r["per_kind"]["negative"]["negative_accuracy"] == 0.5
+    # a second grouping of the same samples; None leaves a sample out
+    by = acc.compute_by(["small", "large", None, "small"])
+    assert set(by) == {"small", "large"}
+    assert by["small"]["n"] == 2 and by["small"]["mIoU"] == pytest.approx(3 / 7)
+    assert by["small"]["negative_accuracy"] == 0.0 and by["large"]["mIoU"] == 1.0
+    with pytest.raises(ValueError, match="3 labels for 4 samples"):
+        acc.compute_by(["a", "b", "c"])
 
 
 def test_precision_thresholds_are_inclusive():
