@@ -1,0 +1,71 @@
+"""The benchmark scripts' own logic (their figures are measured by running them, not here)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(**given) -> argparse.Namespace:
+    flags = dict(config=None, max_steps=None, batch_size=None, lr=None, seed=None, val_max_items=None)
+    return argparse.Namespace(**{**flags, **given})
+
+
+def test_ablation_recipe_is_the_config_train_block_with_flags_on_top(tmp_path):
+    ablations = _load("ablations")
+    config = tmp_path / "recipe.json"
+    config.write_text(
+        json.dumps(
+            {"model": {"image_size": 192}, "train": {"max_steps": 10000, "lr": 0.001, "patience": 1000}}
+        )
+    )
+
+    full = ablations.recipe(_args(config=str(config)))
+    assert full == {"max_steps": 10000, "lr": 0.001, "patience": 1000, "checkpoint_every_steps": 100}
+
+    short = ablations.recipe(_args(config=str(config), max_steps=1200, seed=3))
+    assert (short["max_steps"], short["seed"], short["patience"], short["lr"]) == (1200, 3, 1000, 0.001)
+
+    # No "train" block: the short budget, without early stopping, still overridable.
+    bare = ablations.recipe(_args(max_steps=50))
+    assert bare["max_steps"] == 50 and bare["patience"] >= 10**6 and bare["batch_size"] == 8
+
+    # Every recipe is a valid TrainConfig.
+    from lsms_core.train import TrainConfig
+
+    for fields in (full, short, bare):
+        assert TrainConfig.from_dict(fields).max_steps == fields["max_steps"]
+
+
+def test_ablation_title_names_the_budget_and_reads_old_results():
+    ablations = _load("ablations")
+    new = {
+        "data": "d",
+        "image_size": 192,
+        "in_slices": 3,
+        "recipe": {"max_steps": 10000, "batch_size": 8, "lr": 0.001, "seed": 0, "patience": 1000},
+    }
+    assert "up to 10000 steps" in ablations.title(
+        new
+    ) and "early stopping after 1000 steps" in ablations.title(new)
+    old = {
+        "data": "d",
+        "image_size": 192,
+        "in_slices": 3,
+        "max_steps": 1200,
+        "batch_size": 8,
+        "lr": 0.001,
+        "seed": 0,
+    }
+    assert "up to 1200 steps" in ablations.title(old) and "early stopping" not in ablations.title(old)
