@@ -73,9 +73,17 @@ TRAINING_FIELDS = (
     "presence_weight",
 )
 
-#: ``LSMSConfig`` switches that add zero-initialised modules: with ``init_from`` they may be turned
-#: on (not off), so a saved model is grown by them and starts exactly where it was.
-GROWABLE_FIELDS = ("refine_head", "refine_dim")
+#: ``LSMSConfig`` switches that add a zero-initialised module of the same name, with the fields that
+#: size it: with ``init_from`` a switch may be turned on (not off), so a saved model is grown by the
+#: module and starts exactly where it was.
+GROWABLE_MODULES: dict[str, tuple[str, ...]] = {"refine_head": ("refine_dim",)}
+GROWABLE_FIELDS = tuple(f for switch, sizes in GROWABLE_MODULES.items() for f in (switch, *sizes))
+
+
+def switched_on(requested, saved) -> list[str]:
+    """The :data:`GROWABLE_MODULES` switches on in ``requested`` but off in ``saved`` (configs or dicts)."""
+    requested, saved = (c if isinstance(c, dict) else c.to_dict() for c in (requested, saved))
+    return [switch for switch in GROWABLE_MODULES if requested.get(switch) and not saved.get(switch)]
 
 EVENTS = ("start", "step", "validation", "checkpoint", "end", "stopped")
 
@@ -520,8 +528,8 @@ class Trainer:
         for name in TRAINING_FIELDS:
             if name in requested and name in merged:
                 merged[name] = requested[name]
-        if requested.get("refine_head") and not merged.get("refine_head"):
-            for name in GROWABLE_FIELDS:
+        for switch in switched_on(requested, merged):
+            for name in (switch, *GROWABLE_MODULES[switch]):
                 merged[name] = requested[name]
         if self.init_card.get("includes_text_encoder") and merged.get("text_trainable") == "frozen":
             logger.warning(
@@ -548,7 +556,7 @@ class Trainer:
         from lsms_core.text_encoder import apply_trainable_policy
 
         model = load_model(self.init_from, device=device)
-        if config.refine_head and not model.config.refine_head:
+        if switched_on(config, model.config):
             model = self._grow(model, config).to(device)
         model.config = config
         apply_trainable_policy(model.text_encoder, config.text_trainable, config.text_trainable_layers)
@@ -561,14 +569,15 @@ class Trainer:
         ``GROWABLE_FIELDS`` switched on are new (and start as no-ops)."""
         from lsms_core.model import LSMS
 
+        new_modules = tuple(f"{switch}." for switch in switched_on(config, saved.config))
         grown = LSMS(config, text_encoder=saved.text_encoder, tokenizer=saved.tokenizer)
         missing, unexpected = grown.load_state_dict(saved.state_dict(), strict=False)
-        if unexpected or any(not k.startswith("refine_head.") for k in missing):
+        if unexpected or any(not k.startswith(new_modules) for k in missing):
             raise ValueError(
                 f"cannot grow the saved model into the requested config (missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}); only {GROWABLE_FIELDS} may change when fine-tuning"
             )
-        logger.info("grown with a refinement head: %d new weight tensors", len(missing))
+        logger.info("grown with %s: %d new weight tensors", ", ".join(new_modules), len(missing))
         return grown
 
     def _param_groups(self, model) -> list[dict]:

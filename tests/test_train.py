@@ -330,6 +330,16 @@ def test_fine_tune_can_grow_a_saved_model_with_the_refinement_head(small_config,
     assert load_model(tmp_path / "ft" / "model.safetensors").refine_head is not None
 
 
+def test_growable_switches_only_turn_on(small_config):
+    from lsms_core.train import GROWABLE_FIELDS, switched_on
+
+    with_head = dataclasses.replace(small_config, refine_head=True)
+    assert switched_on(with_head, small_config) == ["refine_head"]
+    assert switched_on(small_config, with_head) == []  # a saved module is never dropped
+    assert switched_on(with_head.to_dict(), with_head) == []
+    assert set(GROWABLE_FIELDS) == {"refine_head", "refine_dim"}
+
+
 # ------------------------------------------------------------------------------------------ errors
 
 
