@@ -18,7 +18,20 @@ import json
 import sys
 from pathlib import Path
 
-COLUMNS = ("n", "mIoU", "oIoU", "dice", "P@0.5", "P@0.6", "P@0.7", "P@0.8", "P@0.9", "negative_accuracy")
+COLUMNS = (
+    "n",
+    "mIoU",
+    "oIoU",
+    "dice",
+    "P@0.5",
+    "P@0.6",
+    "P@0.7",
+    "P@0.8",
+    "P@0.9",
+    "negative_accuracy",
+    "positive_missed",
+    "positive_empty",
+)
 
 
 def _cell(value) -> str:

@@ -13,6 +13,10 @@ Definitions (``I`` = |pred ∩ target|, ``U`` = |pred ∪ target|):
   of negatives whose prediction is empty.
 * ``oIoU`` (overall IoU) = Σ I / Σ U over **all** samples, so false-positive area predicted on
   negatives counts against it.
+* Where the positives fail: ``positive_missed`` is the fraction of positives whose prediction does
+  not touch the target (``I = 0``: IoU 0), ``positive_empty`` the part of them answered with an empty
+  mask ("not there" said of a lesion that is there). The rest of the missed ones went elsewhere,
+  e.g. onto another lesion.
 
 A metric with no sample to average over (e.g. ``negative_accuracy`` without negatives) is ``None``.
 """
@@ -121,6 +125,10 @@ def summarize(stats: Iterable[PairStats]) -> dict:
     result["negative_accuracy"] = (
         sum(s.pred_area == 0 for s in negatives) / len(negatives) if negatives else None
     )
+    result["positive_missed"] = (
+        sum(s.intersection == 0 for s in positives) / len(positives) if positives else None
+    )
+    result["positive_empty"] = sum(s.pred_area == 0 for s in positives) / len(positives) if positives else None
     return result
 
 

@@ -56,6 +56,7 @@ def test_accumulator_by_hand():
     assert r["oIoU"] == pytest.approx((3 + 6) / (7 + 6 + 0 + 16))
     assert r["P@0.5"] == 0.5 and r["P@0.9"] == 0.5
     assert r["negative_accuracy"] == 0.5
+    assert r["positive_missed"] == 0.0 and r["positive_empty"] == 0.0
     assert set(r["per_kind"]) == {"location", "size", "negative"}
     assert r["per_kind"]["location"]["mIoU"] == pytest.approx(3 / 7)
     assert r["per_kind"]["location"]["negative_accuracy"] is None
@@ -67,6 +68,21 @@ def test_accumulator_by_hand():
     assert by["small"]["negative_accuracy"] == 0.0 and by["large"]["mIoU"] == 1.0
     with pytest.raises(ValueError, match="3 labels for 4 samples"):
         acc.compute_by(["a", "b", "c"])
+
+
+def test_missed_positives_are_told_apart_from_empty_answers():
+    target = np.zeros((4, 4), bool)
+    target[:2, :2] = True
+    elsewhere = np.zeros((4, 4), bool)
+    elsewhere[3, 3] = True  # on something else: missed, not empty
+    acc = MetricAccumulator()
+    for pred in (target, np.zeros((4, 4), bool), elsewhere, PRED):
+        acc.update(pred, target)
+    acc.update(elsewhere, np.zeros((4, 4), bool))  # a negative counts in neither
+    r = acc.compute()
+    assert r["n_positive"] == 4
+    assert r["positive_missed"] == 0.5 and r["positive_empty"] == 0.25
+    assert acc.compute_by([None, None, None, None, "neg"])["neg"]["positive_missed"] is None
 
 
 def test_precision_thresholds_are_inclusive():
