@@ -20,6 +20,7 @@ same metrics.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -83,6 +84,7 @@ def evaluate_model(
     image_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     max_items: int | None = None,
+    per_pair: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on the (expression, slice) pairs of ``split``.
 
@@ -95,6 +97,10 @@ def evaluate_model(
         image_size: model input side; ``None`` = ``model.config.image_size``.
         progress: called as ``progress(done, total)`` after each batch.
         max_items: evaluate an evenly spaced deterministic subset of at most this many pairs.
+        per_pair: also return ``"pairs"``: one record per pair, in evaluation order, with ``id``
+            (expression), ``case``, ``z``, ``kind``, the pixel counts ``intersection``, ``union``,
+            ``pred_area``, ``target_area`` and ``presence`` (the presence head's probability), e.g.
+            to compare two models pair by pair or case by case.
 
     Returns:
         ``{"split", "items", "total_items", "image_size", "threshold", "overall": {...},
@@ -135,6 +141,7 @@ def evaluate_model(
     model.to(device).eval()
     accumulator = MetricAccumulator()
     sizes: list[str | None] = []  # target_size_group of each pair, in the accumulator's order
+    records: list[dict] = []  # per_pair: what identifies each pair, in the accumulator's order
     presence_hits = done = 0
     try:
         with torch.inference_mode():
@@ -149,6 +156,12 @@ def evaluate_model(
                 accumulator.update_batch(pred_np, target_np, kinds)
                 slice_pixels = target_np.shape[1] * target_np.shape[2]
                 sizes += [target_size_group(int(t.sum()), slice_pixels) for t in target_np]
+                if per_pair:
+                    probs = torch.sigmoid(output.presence_logits.float()).cpu().tolist()
+                    records += [
+                        {"id": i, "case": c, "z": int(z), "kind": k, "presence": round(p, 4)}
+                        for i, c, z, k, p in zip(batch["id"], batch["case"], batch["z"], batch["kind"], probs)
+                    ]
                 done += len(kinds)
                 if progress is not None:
                     progress(done, len(indices))
@@ -170,6 +183,10 @@ def evaluate_model(
         "per_kind": per_kind,
         "per_target_size": per_target_size,
     }
+    if per_pair:
+        result["pairs"] = [
+            {**record, **dataclasses.asdict(stats)} for record, stats in zip(records, accumulator.samples)
+        ]
     return _to_builtin(result, np)
 
 

@@ -159,6 +159,11 @@ class MetricAccumulator:
     def __len__(self) -> int:
         return len(self._stats)
 
+    @property
+    def samples(self) -> tuple[PairStats, ...]:
+        """The collected samples' counts, in the order they were added."""
+        return tuple(self._stats)
+
     def reset(self) -> None:
         self._stats.clear()
         self._kinds.clear()

@@ -113,6 +113,19 @@ def test_max_items_takes_an_even_deterministic_subset(model, data_dir):
         evenly_spaced(10, 0)
 
 
+def test_per_pair_records_add_up_to_the_report(model, data_dir):
+    from lsms_core.metrics import PairStats, summarize
+
+    report = evaluate_model(model, data_dir, "test", max_items=6, per_pair=True)
+    pairs = report["pairs"]
+    assert len(pairs) == report["items"] == 6
+    assert all(0.0 <= p["presence"] <= 1.0 and p["case"] and p["id"] for p in pairs)
+    counts = ("intersection", "union", "pred_area", "target_area")
+    again = summarize(PairStats(**{k: p[k] for k in counts}) for p in pairs)
+    assert again["mIoU"] == report["overall"]["mIoU"] and again["oIoU"] == report["overall"]["oIoU"]
+    assert "pairs" not in evaluate_model(model, data_dir, "test", max_items=6)
+
+
 def test_evaluate_path_writes_the_json_report(model, data_dir, tmp_path):
     from lsms_core.checkpoint import save_model
     from lsms_core.data.dataset import ReferringDataset
