@@ -27,6 +27,11 @@ budget given with ``--max-steps`` and no ``"train"`` block trains without early 
 folder trained by ``lsms train`` with the same config plus the variant's switch can be placed at
 ``OUT/VARIANT``: it is resumed, or scored as it is when finished. ``train s`` is the run's own
 training time (summed over resumes).
+
+Each variant's test report, with every pair's counts, is kept in ``OUT/VARIANT/test_report.json``
+(reused while the model is the same), and the last column is its mIoU minus the full model's on
+the same pairs, with a 95 % interval from a bootstrap over test cases. Variants may be run in
+separate invocations (``--variants``): rows with the same data and recipe share the table.
 """
 
 from __future__ import annotations
@@ -55,6 +60,8 @@ SHORT_BUDGET = {
     "val_max_items": 256,
     "patience": 10**6,
 }
+#: Arguments that must match for results of separate invocations to share one table.
+RUN_KEYS = ("data", "image_size", "in_slices", "recipe")
 #: (metric key, column title)
 COLUMNS = (
     ("mIoU", "mIoU"),
@@ -108,8 +115,6 @@ def recipe(args: argparse.Namespace) -> dict:
 
 
 def run_variant(name: str, args: argparse.Namespace) -> dict:
-    from lsms_core.checkpoint import load_model
-    from lsms_core.evaluate import evaluate_model
     from lsms_core.model import LSMSConfig
     from lsms_core.train import TrainConfig, Trainer
 
@@ -118,9 +123,9 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         data = blank_text_dataset(data, Path(args.out))
     model_config = LSMSConfig.from_dict({**full_model_fields(args), **VARIANTS[name]})
     train_config = TrainConfig.from_dict(recipe(args))
-    summary = Trainer(model_config, train_config, data, Path(args.out) / name).fit()
-    model = load_model(summary["model_path"])
-    report = evaluate_model(model, data, split="test", batch_size=16)
+    run = Path(args.out) / name
+    summary = Trainer(model_config, train_config, data, run).fit()
+    report = test_report(run, summary["model_path"], data)
     return {
         "variant": name,
         "train_s": round(float(summary.get("elapsed_s") or 0.0), 1),
@@ -128,6 +133,48 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
         "best_step": summary.get("best_step"),
         **report["overall"],
     }
+
+
+def test_report(run: Path, model_path: str, data: Path) -> dict:
+    """The test-split report of the run's best model, with per-pair records; kept in
+    ``run/test_report.json`` and reused while the model's version is the same."""
+    from lsms_core._atomic import atomic_write_json
+    from lsms_core.checkpoint import load_model, read_model_card
+    from lsms_core.evaluate import evaluate_model
+
+    path = run / "test_report.json"
+    version = read_model_card(model_path).get("version")
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("model_version") == version:
+            return saved
+    report = evaluate_model(load_model(model_path), data, split="test", batch_size=16, per_pair=True)
+    atomic_write_json(path, {**report, "model_version": version})
+    return report
+
+
+def paired_delta(base: list[dict], other: list[dict], boots: int = 2000, seed: int = 0) -> dict:
+    """mIoU(other) - mIoU(base) over the positive pairs both scored, with a 95 % interval from a
+    bootstrap over test *cases* (pairs of one case are not independent)."""
+    import numpy as np
+
+    def ious(pairs):
+        return {
+            (p["id"], p["z"]): (p["case"], p["intersection"] / p["union"]) for p in pairs if p["target_area"]
+        }
+
+    a, b = ious(base), ious(other)
+    keys = sorted(a.keys() & b.keys())
+    cases = sorted({a[k][0] for k in keys})
+    index = {c: i for i, c in enumerate(cases)}
+    sums, counts = np.zeros(len(cases)), np.zeros(len(cases))
+    for k in keys:
+        sums[index[a[k][0]]] += b[k][1] - a[k][1]
+        counts[index[a[k][0]]] += 1
+    draws = np.random.default_rng(seed).integers(0, len(cases), size=(boots, len(cases)))
+    boot = sums[draws].sum(1) / counts[draws].sum(1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"delta": float(sums.sum() / counts.sum()), "lo": float(lo), "hi": float(hi), "cases": len(cases)}
 
 
 def title(run_args: dict) -> str:
@@ -145,7 +192,7 @@ def print_table(rows: list[dict]) -> None:
     header = (
         f"{'variant':<20}"
         + "".join(f"{title:>11}" for _, title in COLUMNS)
-        + f"{'steps':>7}{'best':>7}{'train s':>9}"
+        + f"{'steps':>7}{'best':>7}{'train s':>9}  mIoU - full [95% CI over cases]"
     )
     print(header)
     print("-" * len(header))
@@ -155,7 +202,11 @@ def print_table(rows: list[dict]) -> None:
             for key, _ in COLUMNS
         )
         best = row.get("best_step") or "-"  # the step of the scored (best-validation) model
-        print(f"{row['variant']:<20}{cells}{row.get('steps', 0):>7}{best:>7}{row.get('train_s', 0):>9.0f}")
+        d = row.get("vs_full")
+        delta = f"  {d['delta']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else ""
+        print(
+            f"{row['variant']:<20}{cells}{row.get('steps', 0):>7}{best:>7}{row.get('train_s', 0):>9.0f}{delta}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,14 +240,26 @@ def main(argv: list[str] | None = None) -> int:
     args.image_size, args.in_slices = resolved.image_size, resolved.in_slices  # as run and printed
     args.recipe = recipe(args)
 
-    rows = []
+    # Rows of earlier invocations with the same data and recipe are kept (one variant at a time).
+    saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    same = {k: saved.get("args", {}).get(k) for k in RUN_KEYS} == {k: vars(args)[k] for k in RUN_KEYS}
+    rows = {row["variant"]: row for row in saved.get("rows", [])} if same else {}
+    ordered = [rows[v] for v in VARIANTS if v in rows]
     for name in args.variants:
         print(f"== {name}", file=sys.stderr, flush=True)
-        rows.append(run_variant(name, args))
+        rows[name] = run_variant(name, args)
+        ordered = [rows[v] for v in VARIANTS if v in rows]
+        full_report = Path(args.out) / "full" / "test_report.json"
+        if "full" in rows and full_report.is_file():
+            full_pairs = json.loads(full_report.read_text())["pairs"]
+            for row in ordered:
+                if row["variant"] != "full":
+                    other = json.loads((Path(args.out) / row["variant"] / "test_report.json").read_text())
+                    row["vs_full"] = paired_delta(full_pairs, other["pairs"])
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        results_path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
+        results_path.write_text(json.dumps({"args": vars(args), "rows": ordered}, indent=2) + "\n")
     print(title(vars(args)))
-    print_table(rows)
+    print_table(ordered)
     return 0
 
 

@@ -69,3 +69,27 @@ def test_ablation_title_names_the_budget_and_reads_old_results():
         "seed": 0,
     }
     assert "up to 1200 steps" in ablations.title(old) and "early stopping" not in ablations.title(old)
+
+
+def test_paired_delta_is_the_mean_iou_difference_with_a_case_bootstrap():
+    ablations = _load("ablations")
+
+    def pair(case, z, inter, union, target=1):
+        return {
+            "id": f"{case}-e",
+            "case": case,
+            "z": z,
+            "intersection": inter,
+            "union": union,
+            "target_area": target,
+        }
+
+    base = [pair("a", 0, 1, 2), pair("a", 1, 0, 1), pair("b", 0, 1, 1), pair("b", 1, 0, 0, target=0)]
+    other = [pair("a", 0, 1, 1), pair("a", 1, 1, 1), pair("b", 0, 1, 2), pair("b", 1, 0, 3, target=0)]
+    d = ablations.paired_delta(base, other, boots=500)
+    # positives: a0 0.5 -> 1, a1 0 -> 1, b0 1 -> 0.5; the negative b1 is left out
+    assert d["delta"] == (0.5 + 1.0 - 0.5) / 3 and d["cases"] == 2
+    assert d["lo"] <= d["delta"] <= d["hi"]
+    # bootstrap over 2 cases: either both (1/3), only a (0.75) or only b (-0.5)
+    assert d["lo"] >= -0.5 and d["hi"] <= 0.75
+    assert ablations.paired_delta(base, base)["delta"] == 0.0
