@@ -114,6 +114,13 @@ def recipe(args: argparse.Namespace) -> dict:
     return fields
 
 
+def saved_rows(results_path: Path, args: argparse.Namespace) -> list[dict]:
+    """The rows of ``results_path`` when it was written with the same data and recipe, else []."""
+    saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    same = {k: saved.get("args", {}).get(k) for k in RUN_KEYS} == {k: vars(args)[k] for k in RUN_KEYS}
+    return saved.get("rows", []) if same else []
+
+
 def run_variant(name: str, args: argparse.Namespace) -> dict:
     from lsms_core.model import LSMSConfig
     from lsms_core.train import TrainConfig, Trainer
@@ -240,22 +247,20 @@ def main(argv: list[str] | None = None) -> int:
     args.image_size, args.in_slices = resolved.image_size, resolved.in_slices  # as run and printed
     args.recipe = recipe(args)
 
-    # Rows of earlier invocations with the same data and recipe are kept (one variant at a time).
-    saved = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    same = {k: saved.get("args", {}).get(k) for k in RUN_KEYS} == {k: vars(args)[k] for k in RUN_KEYS}
-    rows = {row["variant"]: row for row in saved.get("rows", [])} if same else {}
-    ordered = [rows[v] for v in VARIANTS if v in rows]
+    ordered = saved_rows(results_path, args)
     for name in args.variants:
         print(f"== {name}", file=sys.stderr, flush=True)
-        rows[name] = run_variant(name, args)
+        row = run_variant(name, args)
+        # Re-read before writing: rows of other invocations with the same data and recipe are kept.
+        rows = {r["variant"]: r for r in saved_rows(results_path, args)} | {name: row}
         ordered = [rows[v] for v in VARIANTS if v in rows]
         full_report = Path(args.out) / "full" / "test_report.json"
         if "full" in rows and full_report.is_file():
             full_pairs = json.loads(full_report.read_text())["pairs"]
-            for row in ordered:
-                if row["variant"] != "full":
-                    other = json.loads((Path(args.out) / row["variant"] / "test_report.json").read_text())
-                    row["vs_full"] = paired_delta(full_pairs, other["pairs"])
+            for r in ordered:
+                if r["variant"] != "full":
+                    other = json.loads((Path(args.out) / r["variant"] / "test_report.json").read_text())
+                    r["vs_full"] = paired_delta(full_pairs, other["pairs"])
         Path(args.out).mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps({"args": vars(args), "rows": ordered}, indent=2) + "\n")
     print(title(vars(args)))

@@ -93,3 +93,14 @@ def test_paired_delta_is_the_mean_iou_difference_with_a_case_bootstrap():
     # bootstrap over 2 cases: either both (1/3), only a (0.75) or only b (-0.5)
     assert d["lo"] >= -0.5 and d["hi"] <= 0.75
     assert ablations.paired_delta(base, base)["delta"] == 0.0
+
+
+def test_results_of_another_recipe_do_not_share_the_table(tmp_path):
+    ablations = _load("ablations")
+    run = {"data": "d", "image_size": 192, "in_slices": 3, "recipe": {"max_steps": 10000}}
+    path = tmp_path / "ablations.json"
+    path.write_text(json.dumps({"args": {**run, "variants": ["full"]}, "rows": [{"variant": "full"}]}))
+    assert ablations.saved_rows(path, argparse.Namespace(**run)) == [{"variant": "full"}]
+    shorter = {**run, "recipe": {"max_steps": 1200}}
+    assert ablations.saved_rows(path, argparse.Namespace(**shorter)) == []
+    assert ablations.saved_rows(tmp_path / "none.json", argparse.Namespace(**run)) == []
