@@ -9,6 +9,9 @@ The 2D figures come from :func:`lsms_core.evaluate.evaluate_model` (the paper's 
 over the whole sample volume, as ``lsms predict`` and the napari widget do, and compare the 3D mask
 with the sample's truth (Dice; an expression that refers to nothing must give an empty mask).
 The 3D split figures come from :func:`lsms_core.evaluate.evaluate_volumes` (``--no-volumes`` skips them).
+
+``--from-report REPORT.json`` prints the 2D tables of a saved report (``lsms evaluate --json`` or
+this script's ``--json``) without evaluating again.
 """
 
 from __future__ import annotations
@@ -80,13 +83,29 @@ def sample_dice(model_path: str | None) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", required=True, help="dataset folder with a test split")
     parser.add_argument("--model", default=None, help="model file (default: the shipped model)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--json", default=None, help="also write all figures to this JSON file")
     parser.add_argument("--no-volumes", action="store_true", help="skip the 3D evaluation of the split")
+    parser.add_argument("--from-report", default=None, help="print the 2D tables of this saved report")
     args = parser.parse_args(argv)
+
+    if args.from_report:
+        saved = json.loads(Path(args.from_report).read_text())
+        report = saved["split"] if isinstance(saved.get("split"), dict) else saved  # ours, or lsms evaluate's
+        print(
+            f"## {report['split']} split: {report['items']} (expression, slice) pairs, model {report.get('model')}"
+        )
+        print_split_table(report)
+        print(
+            f"\n## The same pairs by target size (share of the {report['image_size']}^2 slice; positives only)"
+        )
+        print_split_table(report, "per_target_size")
+        return 0
 
     from lsms_core.checkpoint import default_model_path
     from lsms_core.evaluate import evaluate_path
@@ -113,15 +132,21 @@ def main(argv: list[str] | None = None) -> int:
     print("| expression | kind | targets | found | Dice / empty |")
     print("|---|---|---|---|---|")
     for r in rows:
-        answer = r["dice"] if r["dice"] is not None else ("empty" if r["empty_when_negative"] else "NOT empty")
+        answer = (
+            r["dice"] if r["dice"] is not None else ("empty" if r["empty_when_negative"] else "NOT empty")
+        )
         print(f"| {r['expression']} | {r['kind']} | {r['targets']} | {r['found']} | {answer} |")
     if positives:
-        print(f"\nmean Dice over {len(positives)} positive expressions: {sum(positives) / len(positives):.3f}")
+        print(
+            f"\nmean Dice over {len(positives)} positive expressions: {sum(positives) / len(positives):.3f}"
+        )
         print(f"expressions with Dice >= 0.7: {sum(d >= 0.7 for d in positives)} / {len(positives)}")
     if negatives:
         print(f"negative expressions answered empty: {sum(negatives)} / {len(negatives)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"split": report, "volumes": volumes, "sample": rows}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps({"split": report, "volumes": volumes, "sample": rows}, indent=2) + "\n"
+        )
     return 0
 
 
