@@ -60,6 +60,8 @@ SHORT_BUDGET = {
     "val_max_items": 256,
     "patience": 10**6,
 }
+#: Each run's test-split report (with per-pair records), in OUT/VARIANT.
+TEST_REPORT = "test_report.json"
 #: Arguments that must match for results of separate invocations to share one table.
 RUN_KEYS = ("data", "image_size", "in_slices", "recipe")
 #: (metric key, column title)
@@ -145,19 +147,15 @@ def run_variant(name: str, args: argparse.Namespace) -> dict:
 def test_report(run: Path, model_path: str, data: Path) -> dict:
     """The test-split report of the run's best model, with per-pair records; kept in
     ``run/test_report.json`` and reused while the model's version is the same."""
-    from lsms_core._atomic import atomic_write_json
-    from lsms_core.checkpoint import load_model, read_model_card
-    from lsms_core.evaluate import evaluate_model
+    from lsms_core.checkpoint import read_model_card
+    from lsms_core.evaluate import evaluate_path
 
-    path = run / "test_report.json"
-    version = read_model_card(model_path).get("version")
+    path = run / TEST_REPORT
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("model_version") == version:
+        if saved.get("model_version") == read_model_card(model_path).get("version"):
             return saved
-    report = evaluate_model(load_model(model_path), data, split="test", batch_size=16, per_pair=True)
-    atomic_write_json(path, {**report, "model_version": version})
-    return report
+    return evaluate_path(model_path, data, "test", json_out=path, per_pair=True)
 
 
 def paired_delta(base: list[dict], other: list[dict], boots: int = 2000, seed: int = 0) -> dict:
@@ -254,12 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         # Re-read before writing: rows of other invocations with the same data and recipe are kept.
         rows = {r["variant"]: r for r in saved_rows(results_path, args)} | {name: row}
         ordered = [rows[v] for v in VARIANTS if v in rows]
-        full_report = Path(args.out) / "full" / "test_report.json"
+        full_report = Path(args.out) / "full" / TEST_REPORT
         if "full" in rows and full_report.is_file():
             full_pairs = json.loads(full_report.read_text())["pairs"]
             for r in ordered:
                 if r["variant"] != "full":
-                    other = json.loads((Path(args.out) / r["variant"] / "test_report.json").read_text())
+                    other = json.loads((Path(args.out) / r["variant"] / TEST_REPORT).read_text())
                     r["vs_full"] = paired_delta(full_pairs, other["pairs"])
         Path(args.out).mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps({"args": vars(args), "rows": ordered}, indent=2) + "\n")

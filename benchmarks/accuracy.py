@@ -54,6 +54,17 @@ def print_split_table(report: dict, group: str = "per_kind") -> None:
         print(f"| {kind} | " + " | ".join(_cell(metrics.get(c)) for c in COLUMNS) + " |")
 
 
+def print_2d_report(report: dict, data) -> None:
+    """The 2D tables of an :func:`~lsms_core.evaluate.evaluate_path` report: per kind, then per target size."""
+    print(
+        f"## {report['split']} split of {data}: {report['items']} (expression, slice) pairs, "
+        f"model {report.get('model')}"
+    )
+    print_split_table(report)
+    print(f"\n## The same pairs by target size (share of the {report['image_size']}^2 slice; positives only)")
+    print_split_table(report, "per_target_size")
+
+
 def sample_dice(model_path: str | None) -> list[dict]:
     import numpy as np
 
@@ -97,14 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_report:
         saved = json.loads(Path(args.from_report).read_text())
         report = saved["split"] if isinstance(saved.get("split"), dict) else saved  # ours, or lsms evaluate's
-        print(
-            f"## {report['split']} split: {report['items']} (expression, slice) pairs, model {report.get('model')}"
-        )
-        print_split_table(report)
-        print(
-            f"\n## The same pairs by target size (share of the {report['image_size']}^2 slice; positives only)"
-        )
-        print_split_table(report, "per_target_size")
+        print_2d_report(report, report.get("data"))
         return 0
 
     from lsms_core.checkpoint import default_model_path
@@ -112,10 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = args.model or str(default_model_path())
     report = evaluate_path(model, args.data, split=args.split)
-    print(f"## {args.split} split of {args.data}: {report['items']} (expression, slice) pairs, model {model}")
-    print_split_table(report)
-    print(f"\n## The same pairs by target size (share of the {report['image_size']}^2 slice; positives only)")
-    print_split_table(report, "per_target_size")
+    print_2d_report(report, args.data)
 
     volumes = None
     if not args.no_volumes:

@@ -272,11 +272,13 @@ def evaluate_path(
     max_items: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     level: str = "slice",
+    per_pair: bool = False,
 ) -> dict[str, Any]:
     """Load a saved model, evaluate it on ``data``'s ``split`` and optionally write the JSON report.
 
     ``level="slice"`` runs :func:`evaluate_model` (2D pairs; ``max_items`` pairs at most),
     ``level="volume"`` runs :func:`evaluate_volumes` (3D; ``max_items`` expressions at most).
+    ``per_pair`` adds :func:`evaluate_model`'s per-pair records (2D only).
 
     The report is :func:`evaluate_model`'s dict plus ``model`` (path), ``model_version``,
     ``data`` (folder) and ``data_fingerprint``. ``json_out`` is written atomically.
@@ -289,6 +291,8 @@ def evaluate_path(
 
     if level not in ("slice", "volume"):
         raise ValueError(f"level must be 'slice' (2D pairs) or 'volume' (3D), got {level!r}")
+    if per_pair and level != "slice":
+        raise ValueError("per_pair records exist for level='slice' (2D pairs) only")
     dataset = ReferringDataset(data)  # clear errors for a bad folder before loading the model
     resolved = resolve_device(device)
     model = load_model(model_path, device=resolved)
@@ -311,6 +315,7 @@ def evaluate_path(
             batch_size=batch_size,
             max_items=max_items,
             progress=progress,
+            per_pair=per_pair,
         )
     card = getattr(model, "model_card", {}) or {}
     report = {

@@ -136,6 +136,11 @@ def test_evaluate_path_writes_the_json_report(model, data_dir, tmp_path):
     assert json.loads(out.read_text()) == report
     assert report["model"] == str(path) and report["model_version"] == "7"
     assert report["data_fingerprint"] == ReferringDataset(data_dir).fingerprint()
+    assert "pairs" not in report
+    with_pairs = evaluate_path(path, data_dir, "test", max_items=3, per_pair=True)
+    assert len(with_pairs["pairs"]) == 3 and with_pairs["overall"] == report["overall"]
+    with pytest.raises(ValueError, match="per_pair"):
+        evaluate_path(path, data_dir, "test", level="volume", per_pair=True)
     assert report["items"] == 3
 
 
