@@ -74,6 +74,42 @@ def _open_split(dataset, split: str) -> ReferringDataset:
     return dataset
 
 
+def evaluation_pairs(
+    config,
+    dataset: ReferringDataset | str | os.PathLike,
+    split: str = "test",
+    *,
+    image_size: int | None = None,
+    max_items: int | None = None,
+):
+    """The (expression, slice) pairs :func:`evaluate_model` scores, for a model of ``config``.
+
+    Returns ``(pairs, total)``: a ``torch.utils.data.Subset`` of the split's un-augmented
+    :class:`~lsms_core.data.dataset.SliceDataset` (every pair, or ``max_items`` evenly spaced ones)
+    and the split's number of pairs. Raises a clear ``ValueError`` when the split has none.
+    """
+    from torch.utils.data import Subset
+
+    from lsms_core.data.dataset import SliceDataset
+
+    dataset = _open_split(dataset, split)
+    pairs = SliceDataset(
+        dataset,
+        split,
+        in_slices=config.in_slices,
+        image_size=int(image_size or config.image_size),
+        hu_window=tuple(config.hu_window),
+        augment=False,
+        seed=0,
+    )
+    indices = evenly_spaced(len(pairs), max_items)
+    if not indices:
+        raise ValueError(
+            f"the {split!r} split of {dataset.root} yields no (expression, slice) pairs to evaluate"
+        )
+    return Subset(pairs, indices), len(pairs)
+
+
 def evaluate_model(
     model: LSMS,
     dataset: ReferringDataset | str | os.PathLike,
@@ -110,31 +146,16 @@ def evaluate_model(
     """
     import numpy as np
     import torch
-    from torch.utils.data import DataLoader, Subset
+    from torch.utils.data import DataLoader
 
-    from lsms_core.data.dataset import SliceDataset
     from lsms_core.metrics import MetricAccumulator
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    config = model.config
-    dataset = _open_split(dataset, split)
-    size = int(image_size or config.image_size)
-    pairs = SliceDataset(
-        dataset,
-        split,
-        in_slices=config.in_slices,
-        image_size=size,
-        hu_window=tuple(config.hu_window),
-        augment=False,
-        seed=0,
-    )
-    indices = evenly_spaced(len(pairs), max_items)
-    if not indices:
-        raise ValueError(
-            f"the {split!r} split of {dataset.root} yields no (expression, slice) pairs to evaluate"
-        )
-    loader = DataLoader(Subset(pairs, indices), batch_size=batch_size, shuffle=False)
+    size = int(image_size or model.config.image_size)
+    pairs, total = evaluation_pairs(model.config, dataset, split, image_size=size, max_items=max_items)
+    indices = pairs.indices
+    loader = DataLoader(pairs, batch_size=batch_size, shuffle=False)
 
     device = torch.device(device)
     was_training = model.training
@@ -176,7 +197,7 @@ def evaluate_model(
     result = {
         "split": split,
         "items": len(indices),
-        "total_items": len(pairs),
+        "total_items": total,
         "image_size": size,
         "threshold": THRESHOLD,
         "overall": overall,

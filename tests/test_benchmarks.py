@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -13,6 +14,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -104,3 +106,29 @@ def test_results_of_another_recipe_do_not_share_the_table(tmp_path):
     shorter = {**run, "recipe": {"max_steps": 1200}}
     assert ablations.saved_rows(path, argparse.Namespace(**shorter)) == []
     assert ablations.saved_rows(tmp_path / "none.json", argparse.Namespace(**run)) == []
+
+
+def test_threshold_sweep_at_one_half_matches_evaluate_model(tiny_config, tmp_path):
+    import dataclasses
+
+    from _datasets import make_tiny_dataset
+
+    from lsms_core.evaluate import evaluate_model
+    from lsms_core.model import LSMS
+
+    thresholds = _load("thresholds")
+    data = make_tiny_dataset(tmp_path / "tiny", cases=4)
+    model = LSMS(dataclasses.replace(tiny_config, image_size=32))
+    counts = thresholds.collect(model, data, "test", mask_thresholds=(0.3, 0.5), batch_size=3)
+
+    report = evaluate_model(model, data, "test")
+    swept = counts.metrics(0.5, 0.5)
+    assert report["overall"]["n"] == swept["n"] > 0
+    for name in ("mIoU", "oIoU", "dice", "P@0.5", "negative_accuracy", "positive_empty"):
+        assert swept[name] == report["overall"][name], name
+
+    # A lower mask threshold never predicts less; a presence gate at 1 empties every answer.
+    assert (counts.pred_area[:, 0] >= counts.pred_area[:, 1]).all()
+    closed = counts.metrics(0.3, 1.0)
+    assert closed["positive_empty"] == 1.0 and closed["mIoU"] == 0.0
+    assert closed["negative_accuracy"] in (1.0, None)
