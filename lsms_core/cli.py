@@ -250,11 +250,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lsms_core.infer import Segmenter
-    from lsms_core.io import read_volume, write_volume
+    from lsms_core.io import check_output_path, read_volume, write_volume
 
-    segmenter = Segmenter(args.model, device=args.device, batch_size=args.batch_size)
+    check_output_path(args.out)  # bad input fails before the model loads or a slice is segmented
     t0 = time.perf_counter()
     volume = read_volume(args.image)
+    segmenter = Segmenter(args.model, device=args.device, batch_size=args.batch_size)
     bar = _ProgressBar("segmenting", "slice")
     try:
         result = segmenter.segment(volume, args.text, slices=args.slices, progress=bar)

@@ -349,14 +349,18 @@ def _check_nifti_complete(path: Path) -> None:
     """Raise if a NIfTI file holds fewer voxel bytes than its header announces.
 
     ITK's NIfTI reader silently zero-fills truncated files. The header gives the expected size
-    (``vox_offset`` + voxels x bytes); ``.nii`` files are checked by their size, ``.nii.gz`` files by
-    the gzip trailer (uncompressed size mod 2**32) and, when that does not match (multi-member gzip),
+    (``vox_offset`` + voxels x bytes); plain files are checked by their size, gzip-compressed ones
+    (told by their magic bytes, not their name) by the gzip trailer (uncompressed size mod 2**32) and, when that does not match (multi-member gzip),
     by decompressing the stream.
     """
-    compressed = path.name.lower().endswith(".gz")
+    with open(path, "rb") as fh:
+        compressed = fh.read(2) == b"\x1f\x8b"  # the gzip magic, whatever the file is named
     opener = gzip.open if compressed else open
-    with opener(path, "rb") as fh:
-        header = fh.read(540)
+    try:
+        with opener(path, "rb") as fh:
+            header = fh.read(540)
+    except (EOFError, OSError, zlib.error):
+        raise _unreadable(path, "the compressed header ends early (file truncated)") from None
     expected = _nifti_expected_bytes(header)
     if expected is None:
         return
@@ -434,13 +438,8 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, like: Volume) -> Pa
     """
     import SimpleITK as sitk
 
-    path = Path(path)
+    path = check_output_path(path)
     suffix = _suffix(path)
-    if suffix not in SINGLE_FILE_SUFFIXES + DETACHED_SUFFIXES:
-        raise ValueError(
-            f"{path}: unsupported output format {suffix or '(no suffix)'}; use one of "
-            f"{', '.join(SINGLE_FILE_SUFFIXES + DETACHED_SUFFIXES)}"
-        )
     img = like.with_array(array).to_sitk()
     compress = suffix in COMPRESSED_SUFFIXES
     if suffix in DETACHED_SUFFIXES:
@@ -448,6 +447,30 @@ def write_volume(path: str | os.PathLike, array: np.ndarray, like: Volume) -> Pa
     else:
         with atomic_path(path) as tmp:
             sitk.WriteImage(img, str(tmp), compress)
+    return path
+
+
+def check_output_path(path: str | os.PathLike) -> Path:
+    """``path`` as a :class:`~pathlib.Path` if :func:`write_volume` can write there: a supported
+    suffix and a folder that exists or can be created, writable. Call it before long work.
+
+    Raises:
+        ValueError: unsupported suffix, a folder in the way, or no permission to write.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; give a file name such as {path / 'mask.nii.gz'}")
+    suffix = _suffix(path)
+    if suffix not in SINGLE_FILE_SUFFIXES + DETACHED_SUFFIXES:
+        raise ValueError(
+            f"{path}: unsupported output format {suffix or '(no suffix)'}; use one of "
+            f"{', '.join(SINGLE_FILE_SUFFIXES + DETACHED_SUFFIXES)}"
+        )
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise ValueError(f"{path}: cannot write in {existing}; choose another output folder")
     return path
 
 

@@ -279,3 +279,19 @@ def test_gui_passes_its_arguments_to_napari_lsms(monkeypatch, capsys):
     assert seen == [["--image", "ct.nii.gz", "--no-sample"]]
     assert main(["info", "--bogus"]) == 2  # other commands still reject unknown options
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def test_predict_checks_the_output_and_image_before_loading_the_model(ct_file, tmp_path, capsys, monkeypatch):
+    import lsms_core.infer
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(lsms_core.infer, "Segmenter", no_model)
+    base = ["predict", "--text", "the lesion", "--device", "cpu"]
+    assert main([*base, str(ct_file), "--out", str(tmp_path / "mask.png")]) != 0
+    assert "unsupported output format .png" in capsys.readouterr().err
+    assert main([*base, str(ct_file), "--out", str(tmp_path)]) != 0
+    assert "is a folder" in capsys.readouterr().err
+    assert main([*base, str(tmp_path / "absent.nii.gz"), "--out", str(tmp_path / "m.nii.gz")]) != 0
+    assert "absent.nii.gz" in capsys.readouterr().err

@@ -186,3 +186,32 @@ def test_reflist_errors(tmp_path):
     (tmp_path / "e.json").write_text(json.dumps([{"image": "i.png", "text": "t", "mask": "m.png"}]))
     with pytest.raises(ValueError, match="m.png: mask size"):
         RefListDataset(tmp_path / "e.json")[0]
+
+
+def test_ct_slices_and_masks_are_read_in_the_canonical_orientation_of_the_volumes(tmp_path):
+    """A RAS slice (x toward the patient's right) is flipped to LPS like every CT volume, so that
+    "left" means the patient's left; image and mask files turn together; a sagittal slice is refused."""
+    from lsms_core.intensity import normalize_hu
+    from lsms_core.io import read_volume, to_canonical
+
+    hu = np.arange(12, dtype=np.int16).reshape(1, 3, 4) * 50 - 160  # asymmetric in x and y
+    img = sitk.GetImageFromArray(hu)
+    img.SetDirection((-1, 0, 0, 0, -1, 0, 0, 0, 1))  # RAS, as most NIfTI files
+    sitk.WriteImage(img, str(tmp_path / "ras.nii.gz"))
+    mask = sitk.GetImageFromArray((hu == hu[0, 0, 0]).astype(np.uint8))  # the first voxel only
+    mask.CopyInformation(img)
+    sitk.WriteImage(mask, str(tmp_path / "ras_mask.nii.gz"))
+
+    window = (-160.0, 240.0)
+    expected = normalize_hu(to_canonical(read_volume(tmp_path / "ras.nii.gz")).array[0], window)
+    got = read_slice_image(tmp_path / "ras.nii.gz", window)
+    np.testing.assert_allclose(got, expected)
+    np.testing.assert_allclose(got, normalize_hu(hu[0, ::-1, ::-1], window))
+    got_mask = read_slice_mask(tmp_path / "ras_mask.nii.gz")
+    assert got_mask[-1, -1] and got_mask.sum() == 1  # the voxel moved with its image
+
+    sagittal = sitk.GetImageFromArray(hu)
+    sagittal.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))
+    sitk.WriteImage(sagittal, str(tmp_path / "sag.nii.gz"))
+    with pytest.raises(ValueError, match="not axial"):
+        read_slice_image(tmp_path / "sag.nii.gz")

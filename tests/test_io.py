@@ -323,3 +323,16 @@ def test_label_with_fractional_values(tmp_path):
     write_volume(tmp_path / "prob.nii.gz", np.full(ct.array.shape, 0.5, np.float32), like=ct)
     with pytest.raises(ValueError, match="prob.nii.gz.*integer labels"):
         read_label(tmp_path / "prob.nii.gz", like=ct)
+
+
+def test_nifti_compression_is_told_by_content_not_name(tmp_path):
+    """An uncompressed NIfTI named .nii.gz (ITK reads it) is read; a truncated one is refused clearly."""
+    ct = make_ct()
+    write_volume(tmp_path / "plain.nii", ct.array, like=ct)
+    misnamed = tmp_path / "misnamed.nii.gz"
+    misnamed.write_bytes((tmp_path / "plain.nii").read_bytes())
+    np.testing.assert_array_equal(read_volume(misnamed).array, ct.array)
+
+    misnamed.write_bytes((tmp_path / "plain.nii").read_bytes()[:-10])
+    with pytest.raises(ValueError, match="cannot read the image"):
+        read_volume(misnamed)

@@ -85,7 +85,35 @@ def _read_2d(path: str | os.PathLike, gray: bool = True) -> tuple[np.ndarray, bo
         weights = np.array([0.299, 0.587, 0.114], np.float32)[: rgb.shape[-1]]
         array = (rgb @ (weights / weights.sum())).round().astype(array.dtype)
     is_hu = any(path.name.lower().endswith(s) for s in HU_SUFFIXES)
+    if is_hu:
+        array = _canonical_slice(array, img, path)
     return array, is_hu
+
+
+def _canonical_slice(array: np.ndarray, img, path: Path) -> np.ndarray:
+    """``array`` (``(Y, X)`` or ``(Y, X, C)``) turned to the canonical LPS orientation the CT volumes
+    are trained in (:func:`lsms_core.io.to_canonical`: x toward the patient's left, y toward
+    posterior), so that "left" and "right" keep their meaning whatever the file's direction."""
+    from lsms_core.io import canonical_axes
+
+    direction = np.eye(3)
+    if img.GetDimension() == 2:
+        direction[:2, :2] = np.reshape(img.GetDirection(), (2, 2))
+    else:
+        direction = np.reshape(img.GetDirection(), (3, 3))
+    perm, flip = canonical_axes(direction)
+    if perm[2] != 2:
+        raise ValueError(
+            f"{path}: the slice is not axial (direction {tuple(round(float(v), 3) for v in direction.ravel())}); "
+            "give axial CT slices"
+        )
+    if perm[0] == 1:  # the file's rows run left-right: transpose to (y, x)
+        array = np.swapaxes(array, 0, 1)
+    if flip[0]:
+        array = array[:, ::-1]
+    if flip[1]:
+        array = array[::-1]
+    return np.ascontiguousarray(array)
 
 
 class _Slice2DDataset(Dataset):
