@@ -237,6 +237,12 @@ def test_errors_name_the_folder(tmp_path, lits_dir, nnunet_dir):
     write_image(src / "Training Batch 2" / "segmentation-12.nii", label, spacing=(1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match=r"segmentation-12\.nii: the label map does not lie on the grid"):
         import_dataset(src, tmp_path / "o3")
+    # Nothing half-written is left behind, and once the data is fixed the same command works.
+    assert not (tmp_path / "o3").exists() and not list(tmp_path.glob(".o3.*"))
+    write_image(src / "Training Batch 2" / "segmentation-12.nii", label)
+    assert len(ReferringDataset(import_dataset(src, tmp_path / "o3")).cases) == 3
+    with pytest.raises(ValueError, match="o3: already holds a dataset"):
+        import_dataset(src, tmp_path / "o3")
 
     nn_src, _ = nnunet_dir
     (nn_src / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver": 1}}))

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lsms_core._atomic import atomic_folder
+
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("lits", "msd", "nnunet")
@@ -84,18 +86,33 @@ def import_dataset(
         ValueError: empty folder, unknown layout, images without label maps, a label map on another
             grid than its image, no tumour label in ``dataset.json``, or ``out`` already a dataset.
     """
-    from scipy import ndimage
-
-    from lsms_core.data.dataset import DatasetWriter
-    from lsms_core.data.expressions import generate_expressions, lesion_attributes
-    from lsms_core.io import read_label, read_volume, to_canonical
-
     src = Path(src)
     if min_lesion_voxels < 1:
         raise ValueError(f"min_lesion_voxels must be >= 1, got {min_lesion_voxels}")
     layout = detect_layout(src) if kind == "auto" else _check_kind(kind)
     cases = find_cases(src, layout)
     meta = _read_dataset_json(src) if layout != "lits" else {}
+    if (Path(out) / "dataset.json").exists():
+        raise ValueError(f"{out}: already holds a dataset; choose another folder")
+    # Written beside ``out`` and renamed at the end: a case that fails (e.g. a label map on another
+    # grid) leaves no half dataset behind, and the same command runs again once the data is fixed.
+    with atomic_folder(out) as partial:
+        _import_cases(
+            partial, src, layout, cases, meta, seed=seed, min_voxels=min_lesion_voxels, progress=progress
+        )
+    return Path(out)
+
+
+def _import_cases(
+    out: Path, src: Path, layout: str, cases, meta: dict, *, seed: int, min_voxels: int, progress
+) -> None:
+    """Write the dataset of :func:`import_dataset` into ``out``."""
+    from scipy import ndimage
+
+    from lsms_core.data.dataset import DatasetWriter
+    from lsms_core.data.expressions import generate_expressions, lesion_attributes
+    from lsms_core.io import read_label, read_volume, to_canonical
+
     writer = DatasetWriter(
         out,
         name=f"{layout}-{src.resolve().name}",
@@ -111,7 +128,7 @@ def import_dataset(
             "source_reference": meta.get("reference"),
             "importer": "lsms_core.data.importers.import_dataset",
             "seed": seed,
-            "min_lesion_voxels": min_lesion_voxels,
+            "min_lesion_voxels": min_voxels,
             "lesion_instances": "3D connected components (26-connectivity) of the tumour labels",
         },
     )
@@ -121,7 +138,7 @@ def import_dataset(
         label = read_label(case.label, like=image).array
         tumour = np.isin(label, case.tumour_labels)
         liver = np.isin(label, case.liver_labels) | tumour
-        lesions = split_instances(tumour, min_lesion_voxels, structure=structure)
+        lesions = split_instances(tumour, min_voxels, structure=structure)
 
         canonical = to_canonical(image)
         attrs = lesion_attributes(
@@ -136,7 +153,6 @@ def import_dataset(
         if progress is not None:
             progress(done, len(cases))
     writer.make_splits(seed=seed)
-    return Path(out)
 
 
 def split_instances(
