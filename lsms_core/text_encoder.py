@@ -38,7 +38,7 @@ class TextFeatures:
     Attributes:
         words: ``(B, L, C)`` per-token features (padding positions hold arbitrary values).
         mask: ``(B, L)`` bool, True for real tokens (``[CLS]``/``[SEP]`` included), False for padding.
-            Attention layers take ``~mask`` as ``key_padding_mask``.
+            Attention layers pass it as a boolean ``attn_mask`` (True = attend).
         sentence: ``(B, C)`` mean of ``words`` over ``mask``.
     """
 
