@@ -5,21 +5,28 @@ base model and a few training settings, and presses Start. Training runs in a su
 (:class:`~napari_lsms._training_process.TrainingProcess`) so napari stays responsive and a crash
 cannot take it down; a timer polls its progress events into a progress bar, a status line and a
 live plot of the training loss and validation Dice. When the run ends, the best model is evaluated
-against the base model on the held-out corrections and published under
+against the base model on the validation corrections (the ``val`` split: images never trained on,
+but the same split that picked the best checkpoint and stopped the run early, so the "after" figure
+is a model-selection metric and optimistic, not an independent test) and published under
 ``models_home()/models/<base>-ft-<timestamp>/`` (see :func:`~napari_lsms._training_process.publish_model`),
 and every segment widget in the viewer refreshes its model picker. Earlier versions stay listed,
 so rolling back is picking another model.
+
+A running fine-tune is cancelled (stop file, then SIGTERM, then SIGKILL) when the widget leaves
+the viewer: when its dock is closed (napari only un-parents the widget, it never closes it), when
+the widget is deleted (with the viewer's window, for example) and when the application quits.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import math
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qtpy.QtCore import QPointF, Qt, QTimer
+from qtpy.QtCore import QEvent, QPointF, Qt, QTimer
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
     QApplication,
@@ -133,6 +140,24 @@ class TrainingPlot(QWidget):
         painter.drawText(left + width - metrics.horizontalAdvance(end_label), top + height + text_h, end_label)
 
 
+class _RunHandle:
+    """The widget's running training process, kept outside the widget so that a slot on the
+    widget's ``destroyed`` signal (or on ``aboutToQuit``) can cancel it without touching the
+    widget, which may be half-deleted by then."""
+
+    __slots__ = ("process",)
+
+    def __init__(self) -> None:
+        self.process: TrainingProcess | None = None
+
+
+def _cancel_run(handle: _RunHandle, *_signal_args) -> None:
+    """Cancel ``handle``'s process, if any (a slot that holds no reference to the widget)."""
+    process = handle.process
+    if process is not None:
+        process.cancel()
+
+
 class FineTuneWidget(QWidget):
     """Dock widget that fine-tunes a model on the corrections dataset in a subprocess."""
 
@@ -141,7 +166,8 @@ class FineTuneWidget(QWidget):
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         super().__init__()
         self.viewer = napari_viewer
-        self.process: TrainingProcess | None = None
+        self._handle = _RunHandle()
+        self._docked = False  # set once the widget has had a parent (a dock)
         self.last_model: Path | None = None  # the model published by the last successful run
         self.publish_worker = None  # napari thread worker evaluating and saving the new model
         self._run: dict = {}
@@ -232,12 +258,27 @@ class FineTuneWidget(QWidget):
         self.timer.setInterval(self.POLL_MS)
         self.timer.timeout.connect(self._on_timer)
 
+        # Stop a running fine-tune when the widget goes away. Closing the dock only un-parents the
+        # widget (see event()) and closing the viewer deletes it without a closeEvent, so
+        # closeEvent alone is not enough. These slots are closures over the process handle, never
+        # bound methods of this widget, so they are safe to call while (or after) it is deleted.
+        cancel_run = functools.partial(_cancel_run, self._handle)
+        self.destroyed.connect(cancel_run)
         app = QApplication.instance()
         if app is not None:  # quitting napari stops a running fine-tune (cleanly, via the stop file)
-            app.aboutToQuit.connect(self.cancel)
+            app.aboutToQuit.connect(cancel_run)
 
         self.refresh_models()
         self.update_record_count()
+
+    @property
+    def process(self) -> TrainingProcess | None:
+        """The running training process (``None`` when idle)."""
+        return self._handle.process
+
+    @process.setter
+    def process(self, value: TrainingProcess | None) -> None:
+        self._handle.process = value
 
     # ------------------------------------------------------------------ pickers
 
@@ -263,12 +304,24 @@ class FineTuneWidget(QWidget):
         return count
 
     def refresh_models(self) -> None:
-        """Reload the base-model picker from ``lsms_core.checkpoint.list_models()``."""
+        """Reload the base-model picker from ``lsms_core.checkpoint.list_models()``.
+
+        A model folder that cannot be listed (unreadable, no home folder...) leaves the picker
+        empty and says why in the status line and a notification, instead of raising."""
+        from napari.utils.notifications import show_error
+
         from lsms_core.checkpoint import list_models
 
         current = self.model_combo.currentData()
+        try:
+            entries = list_models()
+        except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: Path.home() unknown
+            entries = []
+            message = f"Fine-tune: could not list the models: {err}"
+            self.status.setText(message)
+            show_error(message)
         self.model_combo.clear()
-        for entry in list_models():
+        for entry in entries:
             self.model_combo.addItem(entry.label, str(entry.path))
             self.model_combo.setItemData(self.model_combo.count() - 1, str(entry.path), Qt.ItemDataRole.ToolTipRole)
         index = self.model_combo.findData(current) if current else -1
@@ -290,7 +343,27 @@ class FineTuneWidget(QWidget):
         return self.process is not None or self.publish_worker is not None
 
     def start(self) -> TrainingProcess | None:
-        """Validate the settings and launch the training subprocess."""
+        """Validate the settings and launch the training subprocess; ``None`` when refused.
+
+        Every refusal or failure to start is a notification and a status line, never an exception."""
+        from napari.utils.notifications import show_error
+
+        try:
+            return self._start()
+        except (OSError, ValueError, RuntimeError) as err:
+            process, self.process = self.process, None
+            if process is not None:  # started, then failed: do not leave it running unseen
+                process.cancel(grace=0.0)
+            self.timer.stop()
+            self._set_running(False)
+            self.progress.setRange(0, 1)
+            self.progress.setValue(0)
+            message = f"Fine-tune: could not start training: {err}"
+            self.status.setText(message)
+            show_error(message)
+            return None
+
+    def _start(self) -> TrainingProcess | None:
         from napari.utils.notifications import show_error
 
         if self.busy:
@@ -316,28 +389,27 @@ class FineTuneWidget(QWidget):
         from lsms_core.checkpoint import models_home
 
         name = f"{base_model_name(Path(base))}-ft-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-        run_dir = models_home() / "runs" / name
+        home = models_home()
+        run_dir = home / "runs" / name
         amount = {"epochs" if self.duration_unit.currentText() == "epochs" else "max_steps": self.duration.value()}
-        try:
-            self.process = TrainingProcess(
-                self.data_dir,
-                base,
-                run_dir,
-                lr=lr,
-                batch_size=self.batch_size.value(),
-                text_trainable=self.text_combo.currentData(),
-                **amount,
-            )
-        except (OSError, ValueError) as err:
-            show_error(f"Fine-tune: could not start training: {err}")
-            return None
-        self._run = {
+        run = {
             "name": name,
             "base": base,
             "data": self.data_dir,
             "run_dir": run_dir,
-            "dest": models_home() / "models" / name / "model.safetensors",
+            "dest": home / "models" / name / "model.safetensors",
         }
+        # The last thing that can fail: start() catches its errors (OSError, ValueError) with the rest.
+        self.process = TrainingProcess(
+            self.data_dir,
+            base,
+            run_dir,
+            lr=lr,
+            batch_size=self.batch_size.value(),
+            text_trainable=self.text_combo.currentData(),
+            **amount,
+        )
+        self._run = run
         self.plot.clear()
         self.progress.setRange(0, 0)  # busy until the first event says how many steps
         self._set_running(True)
@@ -357,11 +429,15 @@ class FineTuneWidget(QWidget):
         self.cancel_button.setEnabled(running)
 
     def _on_timer(self) -> None:
-        if self.process is None:
+        process = self.process
+        if process is None:
             return
-        for event in self.process.poll():
+        # Read `finished` before draining: once it is true the readers have put their last event,
+        # so this drain gets every event; checking it after the drain could lose the last ones.
+        finished = process.finished
+        for event in process.poll():
             self._handle_event(event)
-        if self.process.finished:
+        if finished:
             self._training_ended()
 
     def _handle_event(self, event: dict) -> None:
@@ -412,7 +488,7 @@ class FineTuneWidget(QWidget):
         self.timer.stop()
         self.cancel_button.setEnabled(False)
         self.progress.setRange(0, 0)
-        self.status.setText("Training done; evaluating before/after on the held-out corrections…")
+        self.status.setText("Training done; evaluating before/after on the validation corrections…")
         from napari.qt.threading import create_worker
 
         run = self._run
@@ -457,6 +533,17 @@ class FineTuneWidget(QWidget):
         self.publish_worker = None
         self._set_running(False)
 
+    def event(self, event) -> bool:
+        """Cancel a running fine-tune when the widget leaves its dock: napari's
+        ``remove_dock_widget`` (the dock's close button) only calls ``setParent(None)``."""
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif self._docked:
+                self._docked = False
+                self.cancel()
+        return super().event(event)
+
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt API)
         self.cancel()
         super().closeEvent(event)
@@ -498,8 +585,14 @@ def _dice_of(metrics) -> float | None:
 
 
 def _before_after_text(metrics: dict) -> str:
-    """One line comparing the base and the fine-tuned model on the held-out corrections."""
+    """One line comparing the base and the fine-tuned model on the validation corrections.
+
+    The ``val`` split is never trained on, but it chose the best checkpoint and stopped the run
+    early, so the "after" figure is a model-selection metric (optimistic), and the text says so."""
     before, after = _dice_of(metrics.get("before")), _dice_of(metrics.get("after"))
     if before is None or after is None:
-        return "No held-out image yet, so no before/after figures (correct a second image)."
-    return f"Dice on held-out corrections: {before:.3f} (before) → {after:.3f} (after)."
+        return "No validation image yet, so no before/after figures (correct a second image)."
+    return (
+        f"Validation Dice: {before:.3f} (before) → {after:.3f} (after); the validation images "
+        "also chose the checkpoint, so 'after' is optimistic."
+    )

@@ -265,12 +265,17 @@ def publish_model(
 ) -> Path:
     """Publish a fine-tuned model as a new version, with before/after figures on its card.
 
-    Evaluates ``base_model`` and ``trained`` on the held-out (``val``) split of the corrections
+    Evaluates ``base_model`` and ``trained`` on the validation (``val``) split of the corrections
     dataset ``data`` with :func:`lsms_core.evaluate.evaluate_path` and saves ``trained`` to
     ``dest`` (``.../NAME/model.safetensors``) with ``metrics = {**training metrics, "before":
     {...}, "after": {...}}`` (each the evaluation's ``overall`` metrics plus ``split``, ``items``
-    and ``model``; both ``None`` when no image is held out yet). ``dest`` must not exist: a
+    and ``model``; both ``None`` when no image is in ``val`` yet). ``dest`` must not exist: a
     published version is never overwritten, so earlier versions stay available for rollback.
+
+    The ``val`` images are never trained on, but the training run used that same split to pick
+    its best checkpoint and to stop early, so "after" is a model-selection (validation) figure,
+    biased upward, not an independent test score. The corrections dataset has no test split
+    (with a handful of corrected images there is rarely one to spare), so none is claimed.
     """
     from lsms_core.checkpoint import load_model, read_model_card, save_model
     from lsms_core.data.dataset import ReferringDataset

@@ -235,3 +235,151 @@ def test_widget_reports_errors_and_keeps_working(
     assert widget.last_model is None and widget.start_button.isEnabled()
     viewer.add_image(np.zeros((8, 8), np.float32))  # the viewer keeps working
     assert len(viewer.layers) == 1
+
+
+# ---------------------------------------------------------------------------- widget lifecycle
+
+
+class _StubProcess:
+    """Stands in for a TrainingProcess: a queue of events, a ``finished`` flag, a cancel count."""
+
+    def __init__(self, events=(), late_event=None):
+        import queue
+
+        self._events = queue.Queue()
+        for event in events:
+            self._events.put(event)
+        self.late_event = late_event  # put when `finished` is first read: the readers' last event
+        self._finished = False
+        self.cancelled = True  # take the "cancelled" branch of _training_ended (no publishing)
+        self.cancel_calls = 0
+
+    @property
+    def finished(self):
+        if not self._finished and self.late_event is not None:
+            self._events.put(self.late_event)  # arrives between the drain and the check
+        self._finished = True
+        return True
+
+    def poll(self):
+        events = []
+        while not self._events.empty():
+            events.append(self._events.get_nowait())
+        return events
+
+    def cancel(self, *args, **kwargs):
+        self.cancel_calls += 1
+
+
+def _start_long_run(widget, qtbot):
+    widget.duration_unit.setCurrentText("steps")
+    widget.duration.setValue(100_000)
+    widget.batch_size.setValue(1)
+    process = widget.start()
+    assert process is not None
+    # The trainer is up (it deletes stale STOP files before its "start" event).
+    qtbot.waitUntil(lambda: process.last_event is not None, timeout=120_000)
+    assert process.running
+    return process
+
+
+def test_closing_the_dock_or_the_viewer_cancels_training(
+    make_napari_viewer, qtbot, base_model, corrections, lsms_home, monkeypatch
+):
+    """napari's dock close button (remove_dock_widget) only un-parents the widget, and closing the
+    viewer deletes it without a closeEvent: both must still stop the training subprocess."""
+    from napari_lsms._finetune_widget import FineTuneWidget
+
+    errors = _collect_errors(monkeypatch)
+    viewer = make_napari_viewer()
+    widget = FineTuneWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Fine-tune")
+    process = _start_long_run(widget, qtbot)
+
+    viewer.window.remove_dock_widget(widget)  # what the dock's "x" does
+    assert process.cancelled
+    qtbot.waitUntil(lambda: process.returncode is not None, timeout=60_000)
+    qtbot.waitUntil(lambda: not widget.busy, timeout=10_000)
+    assert "cancelled" in widget.status.text().lower()
+
+    # Reopened in a viewer that is then closed (without quitting the app): the run stops too.
+    reopened = FineTuneWidget(viewer)
+    viewer.window.add_dock_widget(reopened, name="Fine-tune again")
+    second = _start_long_run(reopened, qtbot)
+    viewer.close()
+    qtbot.waitUntil(lambda: second.returncode is not None, timeout=60_000)
+    assert second.cancelled and not second.succeeded and errors == []
+    assert not (lsms_home / "models").exists() or not list((lsms_home / "models").glob("*-ft-*"))
+
+
+def test_deleting_the_widget_cancels_its_run(make_napari_viewer, qtbot):
+    """The ``destroyed`` hook (a closure over the process handle) cancels a run of a widget that
+    was never docked, and a widget without a run is deleted quietly."""
+    from napari_lsms._finetune_widget import FineTuneWidget
+
+    viewer = make_napari_viewer()
+    widget = FineTuneWidget(viewer)
+    stub = _StubProcess()
+    widget.process = stub
+    gone = []
+    widget.destroyed.connect(lambda *_: gone.append(True))
+    widget.deleteLater()
+    qtbot.waitUntil(lambda: gone == [True], timeout=5_000)
+    assert stub.cancel_calls == 1
+
+    idle = FineTuneWidget(viewer)
+    idle.destroyed.connect(lambda *_: gone.append(True))
+    idle.deleteLater()
+    qtbot.waitUntil(lambda: len(gone) == 2, timeout=5_000)  # no run: nothing to cancel, no error
+
+
+def test_timer_keeps_the_last_events(make_napari_viewer, qtbot, monkeypatch):
+    """An event that arrives after a drain of the queue but before `finished` is seen is shown."""
+    import napari.utils.notifications as notifications
+
+    from napari_lsms._finetune_widget import FineTuneWidget
+
+    monkeypatch.setattr(notifications, "show_info", lambda message: None)
+    widget = FineTuneWidget(make_napari_viewer())
+    qtbot.addWidget(widget)
+    step = {"event": "step", "step": 1, "total_steps": 2, "loss": 0.9}
+    last = {"event": "step", "step": 2, "total_steps": 2, "loss": 0.4}
+    widget.process = _StubProcess([step], late_event=last)
+    widget._set_running(True)
+    widget._on_timer()
+    assert widget.process is None  # the run ended in this tick...
+    assert [s for s, _ in widget.plot.loss] == [1, 2]  # ...with its last event handled
+
+
+def test_widget_reports_unexpected_errors_in_refresh_and_start(
+    make_napari_viewer, qtbot, base_model, corrections, lsms_home, monkeypatch
+):
+    import lsms_core.checkpoint as checkpoint
+    from napari_lsms._finetune_widget import FineTuneWidget
+
+    errors = _collect_errors(monkeypatch)
+    real_list_models = checkpoint.list_models
+
+    def unreadable(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(lsms_home / "models"))
+
+    monkeypatch.setattr(checkpoint, "list_models", unreadable)
+    widget = FineTuneWidget(make_napari_viewer())  # refresh_models() runs in __init__
+    qtbot.addWidget(widget)
+    assert "could not list the models" in errors[-1] and "Permission denied" in errors[-1]
+    assert "could not list the models" in widget.status.text()
+    assert widget.model_combo.count() == 0
+    assert widget.start() is None and "no base model" in errors[-1]
+
+    monkeypatch.setattr(checkpoint, "list_models", real_list_models)
+    widget.refresh_models()
+    assert Path(widget.model_combo.currentData()).resolve() == base_model.resolve()
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(checkpoint, "models_home", no_home)
+    assert widget.start() is None and widget.process is None and not widget.busy
+    assert "could not start training" in errors[-1] and "home directory" in errors[-1]
+    assert "home directory" in widget.status.text()
+    assert widget.start_button.isEnabled() and not widget.cancel_button.isEnabled()
