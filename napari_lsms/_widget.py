@@ -9,7 +9,13 @@ on their own:
 - :class:`LabelBook` gives each description its own label id and builds the layer's ``features``;
 - :class:`RecentDescriptions` remembers descriptions across sessions (a small JSON file);
 - :class:`SegmenterCache` loads each (model, device) once;
-- :func:`merge_mask` writes a result into a label map.
+- :func:`merge_mask` writes a result into a label map;
+- :func:`same_geometry` decides whether a Labels layer is drawn on an image's voxel grid.
+
+A result Labels layer is linked to its image by the image layer's unique id (``lsms_image_id``
+in the Labels metadata) *and* by geometry, so a result never lands on another patient's layer
+that merely has the same name and shape. Closing (destroying) the widget cancels a running job
+and disconnects it from the viewer.
 
 torch and transformers are imported only when a model is listed or loaded.
 """
@@ -21,6 +27,7 @@ import functools
 import json
 import threading
 import warnings
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -31,7 +38,7 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import notifications
-from qtpy.QtCore import QObject, QStringListModel, Qt, Signal
+from qtpy.QtCore import QEvent, QObject, QStringListModel, Qt, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QCompleter,
@@ -51,14 +58,16 @@ from qtpy.QtWidgets import (
 )
 
 from lsms_core.intensity import WINDOW_PRESETS, level_width_to_range
-from napari_lsms._reader import EXPRESSIONS_KEY, GEOMETRY_KEY, spatial_kwargs, volume_for_layer_data
+from napari_lsms._reader import EXPRESSIONS_KEY, GEOMETRY_KEY, volume_for_layer_data
 
 if TYPE_CHECKING:
     import napari
 
 LABELS_NAME = "LSMS lesions"
-#: Metadata key linking a result Labels layer to the name of the image it was segmented on.
+#: Metadata key naming the image a result Labels layer was segmented on (informative only).
 SOURCE_IMAGE_KEY = "lsms_image"
+#: Metadata key linking a result Labels layer to its image: the image layer's ``unique_id``.
+SOURCE_IMAGE_ID_KEY = "lsms_image_id"
 SCOPES = ("all slices", "current slice", "slice range")
 FEATURE_COLUMNS = ("index", "label", "description", "model_version", "time", "voxels", "volume_ml", "found")
 
@@ -151,7 +160,9 @@ class LabelBook:
         return len(self._rows)
 
 
-def merge_mask(labels: np.ndarray, mask: np.ndarray, label: int, slices: tuple[int, int] | None = None) -> int:
+def merge_mask(
+    labels: np.ndarray, mask: np.ndarray, label: int, slices: tuple[int, int] | None = None
+) -> int:
     """Write ``mask`` into ``labels`` as ``label`` (in place) and return the voxel count.
 
     Within the segmented slices ``[z0, z1)`` the previous voxels of ``label`` are cleared first, so
@@ -164,6 +175,27 @@ def merge_mask(labels: np.ndarray, mask: np.ndarray, label: int, slices: tuple[i
     region[region == label] = 0
     region[mask[z0:z1] > 0] = label
     return int(np.count_nonzero(labels == label))
+
+
+def same_geometry(image: Any, labels: Any, atol: float = 1e-4) -> bool:
+    """True when ``labels`` lies on ``image``'s voxel grid: same shape, same on-screen transform
+    (``scale``, ``translate``, ``rotate``) and the same file geometry (spacing, origin, direction in
+    the ``lsms_volume`` metadata; both must have it or both lack it, i.e. both guessed)."""
+    if tuple(np.shape(labels.data)) != tuple(np.shape(image.data)):
+        return False
+    for attribute in ("scale", "translate", "rotate"):
+        a, b = np.asarray(getattr(image, attribute), float), np.asarray(getattr(labels, attribute), float)
+        if a.shape != b.shape or not np.allclose(a, b, atol=atol):
+            return False
+    mine, theirs = (layer.metadata.get(GEOMETRY_KEY) for layer in (image, labels))
+    if bool(mine) != bool(theirs):
+        return False
+    if mine:
+        for key in ("spacing", "origin", "direction"):
+            a, b = np.asarray(mine.get(key, ()), float), np.asarray(theirs.get(key, ()), float)
+            if a.shape != b.shape or not np.allclose(a, b, atol=atol):
+                return False
+    return True
 
 
 def voxel_volume_ml(spacing: Iterable[float]) -> float:
@@ -267,7 +299,12 @@ class SegmentRequest:
 
 @dataclass
 class LastResult:
-    """The last result merged into a Labels layer, kept for "Save correction"."""
+    """The last result merged into a Labels layer, kept for "Save correction".
+
+    Also a "not found" result: its ``model_mask`` is empty and ``label`` is the id the user paints
+    the missed lesion with. ``slices`` is the segmented (reviewed) range, ``(z0, z1)`` input
+    slices with ``z1`` exclusive, None for all slices.
+    """
 
     image: Image
     labels: Labels
@@ -275,6 +312,25 @@ class LastResult:
     label: int
     model_mask: np.ndarray
     model_version: str
+    slices: tuple[int, int] | None = None
+    found: bool = True
+
+
+class _Lifetime:
+    """What the widget's ``destroyed`` handler needs, without a strong reference to the widget
+    (Qt calls it while the C++ widget is going away: only Python objects may be touched)."""
+
+    def __init__(self, widget: SegmentWidget, cancel: threading.Event):
+        self.cancel = cancel
+        self.closed = threading.Event()
+        self.widget = weakref.ref(widget)
+
+    def teardown(self, *_args) -> None:
+        self.closed.set()
+        self.cancel.set()  # a running job stops after its current batch
+        widget = self.widget()
+        if widget is not None:
+            widget._disconnect_viewer()
 
 
 def _guarded(method):
@@ -314,9 +370,12 @@ class SegmentWidget(QWidget):
         self.worker = None  # the running napari worker, if any
         self.last_result: LastResult | None = None
         self._cancel = threading.Event()
+        self._lifetime = _Lifetime(self, self._cancel)
         self._relay = _ProgressRelay()
         self._relay.progress.connect(self._on_progress)
         self._pbar = None
+        self._image_ref = None  # weak reference to the image whose slice range the spin boxes hold
+        self._named_layers: weakref.WeakSet = weakref.WeakSet()  # layers whose renames we follow
         self.recent = RecentDescriptions(self._home() / "recent_descriptions.json")
 
         self._build_ui()
@@ -324,8 +383,11 @@ class SegmentWidget(QWidget):
         self.viewer.layers.events.removed.connect(self._on_layers_changed)
         self.viewer.layers.events.reordered.connect(self._on_layers_changed)
         for layer in self.viewer.layers:
-            layer.events.name.connect(self._refresh_images)
+            self._follow_name(layer)
+        # Not a method of the widget: PyQt drops the slots of the object being destroyed.
+        self.destroyed.connect(functools.partial(_Lifetime.teardown, self._lifetime))
         self._refresh_images()
+        self._on_image_changed()
         self.refresh_models()
         self._refresh_devices()
         self._refresh_corrections_count()
@@ -400,7 +462,9 @@ class SegmentWidget(QWidget):
         browse.clicked.connect(self._browse_corrections)
         self.corrections_count = QLabel("")
         self.save_button = QPushButton("Save correction")
-        self.save_button.setToolTip("Save the edited mask of the last description (and the model's original) for fine-tuning")
+        self.save_button.setToolTip(
+            "Save the edited mask of the last description (and the model's original) for fine-tuning"
+        )
         self.save_button.clicked.connect(self.save_correction)
         corrections = QGroupBox("Corrections")
         corrections_layout = QFormLayout(corrections)
@@ -428,6 +492,38 @@ class SegmentWidget(QWidget):
     def is_running(self) -> bool:
         return self.worker is not None
 
+    @property
+    def is_closed(self) -> bool:
+        """True once the widget was destroyed or :meth:`teardown` ran: it no longer reacts."""
+        return self._lifetime.closed.is_set()
+
+    def teardown(self) -> None:
+        """Cancel a running segmentation and disconnect from the viewer (idempotent).
+
+        Runs by itself when the widget is destroyed (viewer closed) or removed from its dock.
+        """
+        self._lifetime.teardown()
+
+    def _disconnect_viewer(self) -> None:
+        """Disconnect every viewer/layer event connection (touches no Qt object)."""
+        events = self.viewer.layers.events
+        for emitter in (events.inserted, events.removed, events.reordered):
+            with contextlib.suppress(Exception):
+                emitter.disconnect(self._on_layers_changed)
+        for layer in list(self._named_layers):
+            with contextlib.suppress(Exception):
+                layer.events.name.disconnect(self._refresh_images)
+        self._named_layers.clear()
+
+    def event(self, event) -> bool:
+        # napari removes a dock widget by un-parenting it (remove_dock_widget): tear down then.
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._was_docked = True
+            elif getattr(self, "_was_docked", False):
+                self.teardown()
+        return super().event(event)
+
     def set_description(self, text: str) -> None:
         self.description_edit.setText(text)
 
@@ -454,9 +550,15 @@ class SegmentWidget(QWidget):
             entries = []
             notifications.show_warning(f"LSMS: could not list models: {exc}")
         for entry in entries:
-            self.model_combo.addItem(entry.label + (" - default" if entry.is_default else ""), str(Path(entry.path).resolve()))
-            self.model_combo.setItemData(self.model_combo.count() - 1, _model_tooltip(entry), Qt.ItemDataRole.ToolTipRole)
-            self.model_combo.setItemData(self.model_combo.count() - 1, str(entry.version), Qt.ItemDataRole.UserRole + 1)
+            self.model_combo.addItem(
+                entry.label + (" - default" if entry.is_default else ""), str(Path(entry.path).resolve())
+            )
+            self.model_combo.setItemData(
+                self.model_combo.count() - 1, _model_tooltip(entry), Qt.ItemDataRole.ToolTipRole
+            )
+            self.model_combo.setItemData(
+                self.model_combo.count() - 1, str(entry.version), Qt.ItemDataRole.UserRole + 1
+            )
         if not entries:
             self.model_combo.addItem("no model found (train one with `lsms train`)", None)
             return
@@ -529,7 +631,9 @@ class SegmentWidget(QWidget):
         if last.labels.data.shape != last.model_mask.shape:
             raise UserInputError(f"Labels layer {last.labels.name!r} changed shape since the segmentation")
         root = Path(self.corrections_edit.text().strip() or self._home() / "corrections")
-        volume, _ = volume_for_layer_data(last.image.data, last.image.metadata, last.image.scale, last.image.translate)
+        volume, _ = volume_for_layer_data(
+            last.image.data, last.image.metadata, last.image.scale, last.image.translate
+        )
         corrected = (np.asarray(last.labels.data) == last.label).astype(np.uint8)
         image_ref = (last.image.metadata.get(GEOMETRY_KEY) or {}).get("path") or last.image.name
 
@@ -537,6 +641,8 @@ class SegmentWidget(QWidget):
             from lsms_core.data.corrections import CorrectionsDataset
 
             dataset = CorrectionsDataset(root)
+            # Saving the same description of the same image again replaces the earlier record:
+            # the latest correction is the user's answer, two conflicting targets would not be.
             record = dataset.add(
                 volume,
                 last.description,
@@ -544,13 +650,23 @@ class SegmentWidget(QWidget):
                 corrected,
                 model_version=last.model_version,
                 image_ref=image_ref,
+                slices=last.slices,
+                replace=True,
             )
             return record, len(dataset)
 
+        lifetime = self._lifetime
+
+        def saved_done():
+            if not lifetime.closed.is_set():
+                self.save_button.setEnabled(True)
+
         worker = create_worker(save, _ignore_errors=True)
         worker.returned.connect(self._on_saved)
-        worker.errored.connect(lambda exc: notifications.show_error(f"LSMS: could not save the correction: {exc}"))
-        worker.finished.connect(lambda: self.save_button.setEnabled(True))
+        worker.errored.connect(
+            lambda exc: notifications.show_error(f"LSMS: could not save the correction: {exc}")
+        )
+        worker.finished.connect(saved_done)
         self.save_button.setEnabled(False)
         self.save_worker = worker
         worker.start()
@@ -565,10 +681,14 @@ class SegmentWidget(QWidget):
             raise UserInputError(problem)
         description = normalize_description(self.description_edit.text())
         if not description:
-            raise UserInputError("type a description of the lesion first, e.g. 'the largest lesion in the right lobe'")
+            raise UserInputError(
+                "type a description of the lesion first, e.g. 'the largest lesion in the right lobe'"
+            )
         model_path = self.model_combo.currentData()
         if not model_path:
-            raise UserInputError("no model available: train one with `lsms train` or pick one with ↻ after installing it")
+            raise UserInputError(
+                "no model available: train one with `lsms train` or pick one with ↻ after installing it"
+            )
         volume, exact = volume_for_layer_data(
             np.asarray(image.data), image.metadata, image.scale, image.translate
         )
@@ -598,24 +718,36 @@ class SegmentWidget(QWidget):
         if scope == "slice range":
             first, last = self.first_slice.value(), self.last_slice.value()
             if first > last:
-                raise UserInputError(f"slice range {first} to {last} is empty: the first slice must not exceed the last")
+                raise UserInputError(
+                    f"slice range {first} to {last} is empty: the first slice must not exceed the last"
+                )
             return (first, min(last, depth - 1) + 1)
         return None
 
+    def _linked_labels(self, image: Image) -> list[Labels]:
+        """Labels layers made on this very image layer (its unique id in their metadata)."""
+        image_id = str(image.unique_id)
+        return [
+            layer
+            for layer in self.viewer.layers
+            if isinstance(layer, Labels) and layer.metadata.get(SOURCE_IMAGE_ID_KEY) == image_id
+        ]
+
     def _target_labels(self, image: Image) -> Labels | None:
-        """The Labels layer holding results for ``image`` (linked by metadata), if any."""
-        for layer in self.viewer.layers:
-            if isinstance(layer, Labels) and layer.metadata.get(SOURCE_IMAGE_KEY) == image.name:
-                return layer
-        return None
+        """The Labels layer holding results for ``image``: linked by id and on its geometry.
+
+        A layer of another image (even one with the same name and shape, e.g. the previous
+        patient's "ct") or one whose geometry no longer matches is never used: None, a new layer.
+        """
+        return next((layer for layer in self._linked_labels(image) if same_geometry(image, layer)), None)
 
     def _check_target_labels(self, image: Image) -> None:
-        labels = self._target_labels(image)
-        if labels is not None and tuple(labels.data.shape) != tuple(image.data.shape):
-            raise UserInputError(
-                f"Labels layer {labels.name!r} has shape {tuple(labels.data.shape)} but image {image.name!r} has "
-                f"{tuple(image.data.shape)}; delete or rename that layer, then segment again"
-            )
+        for labels in self._linked_labels(image):
+            if tuple(labels.data.shape) != tuple(image.data.shape):
+                raise UserInputError(
+                    f"Labels layer {labels.name!r} has shape {tuple(labels.data.shape)} but image {image.name!r} "
+                    f"has {tuple(image.data.shape)}; delete or rename that layer, then segment again"
+                )
 
     # -- the job (worker thread) ---------------------------------------------------------------
 
@@ -638,6 +770,8 @@ class SegmentWidget(QWidget):
     # -- results (GUI thread) --------------------------------------------------------------------
 
     def _on_progress(self, done: int, total: int) -> None:
+        if self.is_closed:
+            return
         self.progress_bar.setMaximum(max(total, 1))
         self.progress_bar.setValue(done)
         if self._pbar is not None:
@@ -647,6 +781,8 @@ class SegmentWidget(QWidget):
                 self._pbar.update(done - self._pbar.n)
 
     def _on_returned(self, request: SegmentRequest, result) -> None:
+        if self.is_closed:  # the widget's Qt objects may be deleted: touch nothing
+            return
         try:
             self._merge_result(request, result)
         except UserInputError as exc:
@@ -660,16 +796,14 @@ class SegmentWidget(QWidget):
             self.status_label.setText("Cancelled; nothing was changed.")
             notifications.show_info("LSMS: segmentation cancelled; nothing was changed")
             return
-        mask = np.asarray(result.mask)
-        if not result.found or not mask.any():
-            self.status_label.setText(f"Not found: {description!r}")
-            notifications.show_warning(
-                f"LSMS: no lesion matching {description!r} was found in {image.name!r}; "
-                "try other words, another scope or another model"
-            )
-            return
         if image not in self.viewer.layers:
-            raise UserInputError(f"image {image.name!r} was closed during the segmentation; nothing was added")
+            raise UserInputError(
+                f"image {image.name!r} was closed during the segmentation; nothing was added"
+            )
+        mask = np.asarray(result.mask)
+        found = bool(result.found and mask.any())
+        if not found:  # still the current result: the user may paint the missed lesion and save it
+            mask = np.zeros(tuple(image.data.shape), dtype=np.uint8)
         self._check_target_labels(image)
         labels = self._target_labels(image)
         if labels is None:
@@ -679,45 +813,80 @@ class SegmentWidget(QWidget):
         data = labels.data
         if label > np.iinfo(data.dtype).max:
             data = data.astype(np.uint32)
+        # Clears the description's old voxels in the segmented slices, also when nothing was found.
         voxels = merge_mask(data, mask, label, request.slices)
         labels.data = data
         volume_ml = voxels * voxel_volume_ml(request.volume.spacing)
         model_version = str(getattr(result, "model_version", None) or request.model_version)
         book.record(
-            description, label, model_version=model_version, voxels=voxels, volume_ml=volume_ml, found=True
+            description, label, model_version=model_version, voxels=voxels, volume_ml=volume_ml, found=found
         )
         labels.features = book.to_features()
         labels.selected_label = label
         labels.refresh()
-        self.last_result = LastResult(image, labels, description, label, mask.astype(np.uint8), model_version)
-        self.status_label.setText(f"Label {label}: {description!r} - {voxels} voxels, {volume_ml:.1f} ml")
+        self.last_result = LastResult(
+            image,
+            labels,
+            description,
+            label,
+            (mask > 0).astype(np.uint8),
+            model_version,
+            request.slices,
+            found,
+        )
+        if found:
+            self.status_label.setText(f"Label {label}: {description!r} - {voxels} voxels, {volume_ml:.1f} ml")
+        else:
+            self.status_label.setText(
+                f"Not found: {description!r}. To teach the model, paint the lesion with label {label} "
+                "and press Save correction"
+            )
+            notifications.show_warning(
+                f"LSMS: no lesion matching {description!r} was found in {image.name!r}; try other words, another "
+                f"scope or another model, or paint it with label {label} and press Save correction"
+            )
 
     def _new_labels(self, image: Image) -> Labels:
+        """A Labels layer on ``image``'s grid, linked to it by id.
+
+        It copies the image's geometry metadata only when the image has it: for an image not opened
+        with napari-lsms the geometry is a guess, and the Labels layer stays marked as such (no
+        ``lsms_volume``), so the writer warns that the orientation of the saved mask is a guess.
+        """
         kwargs = {"scale": image.scale, "translate": image.translate, "rotate": image.rotate, "metadata": {}}
         geometry = image.metadata.get(GEOMETRY_KEY)
         if geometry:
             kwargs["metadata"][GEOMETRY_KEY] = dict(geometry)
-        else:
-            volume, _ = volume_for_layer_data(image.data, None, image.scale, image.translate)
-            kwargs = spatial_kwargs(volume)
         kwargs["metadata"][SOURCE_IMAGE_KEY] = image.name
+        kwargs["metadata"][SOURCE_IMAGE_ID_KEY] = str(image.unique_id)
         data = np.zeros(image.data.shape, dtype=np.uint8)
         return self.viewer.add_labels(data, name=LABELS_NAME, opacity=0.6, **kwargs)
 
     def _on_errored(self, exc: BaseException) -> None:
+        if self.is_closed:
+            return
         self.status_label.setText(f"Failed: {exc}")
         notifications.show_error(f"LSMS: segmentation failed: {exc}")
 
     def _on_finished(self) -> None:
         self.worker = None
         self._pbar = None
-        self._set_running(False)
+        if not self.is_closed:
+            self._set_running(False)
 
     def _on_saved(self, payload) -> None:
         record, count = payload
-        self.corrections_count.setText(str(count))
-        changed = record.get("changed_voxels", "?") if isinstance(record, dict) else "?"
-        notifications.show_info(f"LSMS: correction saved ({changed} voxels changed); {count} records in the dataset")
+        if not self.is_closed:
+            self.corrections_count.setText(str(count))
+        record = record if isinstance(record, dict) else {}
+        changed = record.get("changed_voxels", "?")
+        replaced = (
+            " (it replaces the earlier correction of this description)" if record.get("replaces") else ""
+        )
+        notifications.show_info(
+            f"LSMS: correction of {record.get('expression', '?')!r} saved ({changed} voxels changed){replaced}; "
+            f"{count} records in the dataset"
+        )
 
     # -- small UI reactions ------------------------------------------------------------------------
 
@@ -732,28 +901,49 @@ class SegmentWidget(QWidget):
         if message is not None:
             self.status_label.setText(message)
 
+    def _follow_name(self, layer) -> None:
+        if layer not in self._named_layers:
+            layer.events.name.connect(self._refresh_images)
+            self._named_layers.add(layer)
+
     def _on_layers_changed(self, event=None) -> None:
-        if event is not None and getattr(event, "type", "") == "inserted":
-            event.value.events.name.connect(self._refresh_images)
+        if self.is_closed:
+            return
+        kind = getattr(event, "type", "") if event is not None else ""
+        if kind == "inserted":
+            self._follow_name(event.value)
+        elif kind == "removed" and event.value in self._named_layers:
+            with contextlib.suppress(Exception):
+                event.value.events.name.disconnect(self._refresh_images)
+            self._named_layers.discard(event.value)
         self._refresh_images()
 
     def _refresh_images(self, *_args) -> None:
+        """Re-list the images; the slice range is reset only when the selected image changes."""
+        if self.is_closed:
+            return
+        previous = self._image_ref() if self._image_ref is not None else None
+        images = [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+        names = [layer.name for layer in images]
         current = self.image_combo.currentText()
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
         self.image_combo.blockSignals(True)
         self.image_combo.clear()
         self.image_combo.addItems(names)
-        if current in names:
+        if previous is not None and any(layer is previous for layer in images):
+            self.image_combo.setCurrentText(previous.name)  # the same layer, perhaps renamed
+        elif current in names:
             self.image_combo.setCurrentText(current)
         else:  # prefer a 3D grayscale image
             good = [n for n in names if image_problem(self.viewer.layers[n]) is None]
             if good:
                 self.image_combo.setCurrentText(good[0])
         self.image_combo.blockSignals(False)
-        self._on_image_changed()
+        if self.selected_image() is not previous:
+            self._on_image_changed()
 
     def _on_image_changed(self, *_args) -> None:
         image = self.selected_image()
+        self._image_ref = weakref.ref(image) if image is not None else None
         depth = image.data.shape[0] if image is not None and image.ndim >= 3 else 1
         for spin in (self.first_slice, self.last_slice):
             spin.setRange(0, max(depth - 1, 0))
@@ -809,7 +999,9 @@ class SegmentWidget(QWidget):
         self.corrections_count.setText(str(count))
 
     def _browse_corrections(self) -> None:
-        folder = QFileDialog.getExistingDirectory(self, "Corrections dataset folder", self.corrections_edit.text())
+        folder = QFileDialog.getExistingDirectory(
+            self, "Corrections dataset folder", self.corrections_edit.text()
+        )
         if folder:
             self.corrections_edit.setText(folder)
             self._refresh_corrections_count()
@@ -829,5 +1021,7 @@ def _row(*widgets, as_layout: bool = False):
 
 
 def _model_tooltip(entry) -> str:
-    metrics = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in (entry.metrics or {}).items())
+    metrics = ", ".join(
+        f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in (entry.metrics or {}).items()
+    )
     return f"{entry.path}\ncreated {entry.created}\n{metrics}".strip()

@@ -157,7 +157,9 @@ def test_unwritable_folder_is_reported_before_writing(tmp_path, monkeypatch):
     (tmp_path / "readonly").mkdir()
     real_access = os.access
     monkeypatch.setattr(
-        os, "access", lambda path, mode, **kw: False if "readonly" in str(path) else real_access(path, mode, **kw)
+        os,
+        "access",
+        lambda path, mode, **kw: False if "readonly" in str(path) else real_access(path, mode, **kw),
     )
     model, corrected = _masks()
     with pytest.raises(ValueError, match="no write permission"):
@@ -219,3 +221,94 @@ def test_refuses_to_add_to_another_dataset(tmp_path):
     with pytest.raises(ValueError, match="not a corrections dataset"):
         CorrectionsDataset(tmp_path / "bench").add(image, "lesion", model, corrected, model_version="v1")
     assert _snapshot(tmp_path / "bench") == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Partial-scope corrections (reviewed slices) and replacing a description's earlier correction
+# ---------------------------------------------------------------------------------------------
+
+_Z_FLIPPED = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)  # slice index grows toward the feet
+_SAGITTAL = (0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # the array's first axis is left-right
+
+
+def test_canonical_slice_range_maps_input_slices_to_canonical_ones():
+    from lsms_core.data.corrections import canonical_slice_range
+
+    axial = _volume(shape=(10, 6, 5))
+    assert canonical_slice_range(axial, None) is None
+    assert canonical_slice_range(axial, (0, 10)) is None  # the whole volume: no restriction
+    assert canonical_slice_range(axial, (2, 5)) == [2, 4]  # z1 exclusive in, inclusive out
+    assert canonical_slice_range(axial, (7, 8)) == [7, 7]
+    flipped = Volume(axial.array, axial.spacing, axial.origin, direction=_Z_FLIPPED)
+    assert canonical_slice_range(flipped, (2, 5)) == [5, 7]  # canonical z runs the other way
+    sagittal = Volume(axial.array, axial.spacing, axial.origin, direction=_SAGITTAL)
+    assert canonical_slice_range(sagittal, None) is None
+    with pytest.raises(ValueError, match="not axial"):
+        canonical_slice_range(sagittal, (2, 5))
+    for bad in ((3, 3), (-1, 2), (0, 11)):
+        with pytest.raises(ValueError, match="0 <= z0 < z1"):
+            canonical_slice_range(axial, bad)
+
+
+@pytest.mark.parametrize("direction, expected", [(None, [2, 4]), (_Z_FLIPPED, [5, 7])])
+def test_partial_scope_record_keeps_negatives_inside_the_reviewed_slices(tmp_path, direction, expected):
+    from lsms_core.data.dataset import SliceDataset
+
+    shape = (10, 24, 20)
+    base = _volume(shape=shape)
+    image = base if direction is None else Volume(base.array, base.spacing, base.origin, direction=direction)
+    model = np.zeros(shape, np.uint8)
+    model[3, 5:12, 4:10] = 1  # input slice 3, inside the reviewed input slices 2..4
+    ds = CorrectionsDataset(tmp_path)
+    record = ds.add(image, "the lesion", model, model, model_version="v1", slices=(2, 5))
+    assert record["slices"] == expected
+    assert ReferringDataset(tmp_path).expressions()[0]["slices"] == expected  # valid dataset field
+    # Every "absent" slice training draws lies in the reviewed range; slices outside it were never
+    # looked at, so they must not teach that the lesion is absent there.
+    split = "train" if record["case"] in ds.splits()["train"] else "val"  # one image: either
+    items = SliceDataset(tmp_path, split, image_size=16, negatives_fraction=0.9).items
+    absent = sorted(z for _, z, present in items if not present)
+    present = sorted(z for _, z, present in items if present)
+    canonical_lesion = 3 if direction is None else 6
+    assert present == [canonical_lesion]
+    assert absent and all(expected[0] <= z <= expected[1] for z in absent), absent
+    assert sorted(absent + present) == list(range(expected[0], expected[1] + 1))
+    # A correction over all slices has no range: absent slices may come from anywhere.
+    whole = ds.add(image, "another lesion", model, model, model_version="v1")
+    assert "slices" not in whole
+
+
+def test_partial_scope_on_a_sagittal_image_is_refused_before_writing(tmp_path):
+    base = _volume(shape=(10, 24, 20))
+    sagittal = Volume(base.array, base.spacing, base.origin, direction=_SAGITTAL)
+    model = np.zeros(base.array.shape, np.uint8)
+    with pytest.raises(ValueError, match="segment all slices"):
+        CorrectionsDataset(tmp_path / "corr").add(
+            sagittal, "lesion", model, model, model_version="v1", slices=(1, 3)
+        )
+    assert not (tmp_path / "corr").exists()
+
+
+def test_replace_drops_the_earlier_record_of_the_same_image_and_description(tmp_path):
+    ds = CorrectionsDataset(tmp_path)
+    model, corrected = _masks()
+    first = ds.add(_volume(), "the lesion", model, corrected, model_version="v1")
+    other_image = ds.add(_volume(seed=1), "the lesion", model, corrected, model_version="v1")
+    other_text = ds.add(_volume(), "a cyst", model, corrected, model_version="v1")
+    kept_lines = [
+        line for line in (tmp_path / "expressions.jsonl").read_bytes().splitlines(keepends=True)
+        if json.loads(line)["id"] != first["id"]
+    ]  # fmt: skip
+
+    again = ds.add(_volume(), "  The LESION ", model, model, model_version="v2", replace=True)
+
+    assert again["replaces"] == [first["id"]] and again["changed_voxels"] == 0
+    assert [r["id"] for r in ds.records()] == [other_image["id"], other_text["id"], again["id"]]
+    # the other records' lines are kept byte for byte; the replaced record's masks are gone
+    assert (tmp_path / "expressions.jsonl").read_bytes().startswith(b"".join(kept_lines))
+    assert not (tmp_path / first["mask"]).exists() and not (tmp_path / first["model_mask"]).exists()
+    assert (tmp_path / again["mask"]).is_file()
+    ReferringDataset(tmp_path).check()
+    # without replace (the default) a second record is added, as before
+    ds.add(_volume(), "the lesion", model, corrected, model_version="v2")
+    assert len(ds) == 4

@@ -10,7 +10,14 @@ import pytest
 
 from lsms_core.intensity import WINDOW_PRESETS, level_width_to_range
 from napari_lsms._reader import EXPRESSIONS_KEY, GEOMETRY_KEY, read_ct
-from napari_lsms._widget import LABELS_NAME, SOURCE_IMAGE_KEY, LabelBook, RecentDescriptions, merge_mask
+from napari_lsms._widget import (
+    LABELS_NAME,
+    SOURCE_IMAGE_ID_KEY,
+    SOURCE_IMAGE_KEY,
+    LabelBook,
+    RecentDescriptions,
+    merge_mask,
+)
 
 WAIT_MS = 60_000
 FIRST = "the large hypodense lesion in the right lobe"
@@ -100,14 +107,18 @@ def _biased_model(config, present: bool):
 def model_path(lsms_home, tiny_config):
     from lsms_core.checkpoint import save_model
 
-    return save_model(_biased_model(tiny_config, True), lsms_home / "models" / "tiny.safetensors", version="t1")
+    return save_model(
+        _biased_model(tiny_config, True), lsms_home / "models" / "tiny.safetensors", version="t1"
+    )
 
 
 @pytest.fixture()
 def absent_model_path(lsms_home, tiny_config):
     from lsms_core.checkpoint import save_model
 
-    return save_model(_biased_model(tiny_config, False), lsms_home / "models" / "never.safetensors", version="t0")
+    return save_model(
+        _biased_model(tiny_config, False), lsms_home / "models" / "never.safetensors", version="t0"
+    )
 
 
 @pytest.fixture()
@@ -133,7 +144,9 @@ def notes(monkeypatch):
 
     captured: list[tuple[str, str]] = []
     for level in ("info", "warning", "error"):
-        monkeypatch.setattr(notifications, f"show_{level}", lambda msg, _lvl=level: captured.append((_lvl, msg)))
+        monkeypatch.setattr(
+            notifications, f"show_{level}", lambda msg, _lvl=level: captured.append((_lvl, msg))
+        )
     return captured
 
 
@@ -163,7 +176,9 @@ def _run(qtbot, widget, description, scope="all slices", first=0, last=0):
     return worker
 
 
-def test_segment_makes_labels_with_one_id_per_description(make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes):
+def test_segment_makes_labels_with_one_id_per_description(
+    make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes
+):
     from qtpy.QtCore import Qt
 
     from lsms_core.infer import Segmenter
@@ -189,12 +204,18 @@ def test_segment_makes_labels_with_one_id_per_description(make_napari_viewer, qt
     assert np.diag(image.rotate).tolist() == [1, -1, -1]  # the RAS CT is shown the radiological way
     assert labels.metadata[GEOMETRY_KEY] == image.metadata[GEOMETRY_KEY]
     assert labels.metadata[SOURCE_IMAGE_KEY] == image.name
+    assert labels.metadata[SOURCE_IMAGE_ID_KEY] == str(image.unique_id)
     volume = read_volume(ct_path)
     expected = Segmenter(model_path, device="cpu").segment(volume, FIRST, slices=(0, 3)).mask
     assert expected.any() and not expected[3:].any()
     np.testing.assert_array_equal(labels.data == 1, expected > 0)
     row = labels.features.iloc[0]
-    assert (row["label"], row["description"], row["model_version"], bool(row["found"])) == (1, FIRST, "t1", True)
+    assert (row["label"], row["description"], row["model_version"], bool(row["found"])) == (
+        1,
+        FIRST,
+        "t1",
+        True,
+    )
     assert row["voxels"] == np.count_nonzero(expected)
     assert row["volume_ml"] == pytest.approx(row["voxels"] * 1.5 * 1.5 * 3.0 / 1000)
     datetime.fromisoformat(row["time"])
@@ -220,7 +241,9 @@ def test_segment_makes_labels_with_one_id_per_description(make_napari_viewer, qt
     assert SECOND in SegmentWidget(viewer)._completion_model.stringList()
 
 
-def test_preload_loads_the_selected_model_once_in_the_background(make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes):
+def test_preload_loads_the_selected_model_once_in_the_background(
+    make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes
+):
     viewer, _ = _viewer_with_ct(make_napari_viewer, ct_path)
     widget = _widget(viewer, model_path)
     assert len(widget.segmenters) == 0
@@ -251,12 +274,19 @@ def test_cancel_leaves_the_labels_unchanged(make_napari_viewer, qtbot, lsms_home
     assert widget.segment_button.isEnabled() and not widget.cancel_button.isEnabled()
 
 
-def test_not_found_says_so_and_adds_no_layer(make_napari_viewer, qtbot, lsms_home, absent_model_path, ct_path, notes):
-    viewer, _ = _viewer_with_ct(make_napari_viewer, ct_path)
+def test_not_found_says_so_and_gives_the_description_a_label_to_paint(
+    make_napari_viewer, qtbot, lsms_home, absent_model_path, ct_path, notes
+):
+    viewer, image = _viewer_with_ct(make_napari_viewer, ct_path)
     widget = _widget(viewer, absent_model_path)
     _run(qtbot, widget, FIRST)
-    assert LABELS_NAME not in viewer.layers
     assert any(level == "warning" and "no lesion matching" in msg for level, msg in notes)
+    labels = viewer.layers[LABELS_NAME]  # empty, ready for painting the missed lesion
+    assert not labels.data.any() and labels.selected_label == 1
+    row = labels.features.iloc[0]
+    assert (row["label"], row["description"], bool(row["found"]), row["voxels"]) == (1, FIRST, False, 0)
+    last = widget.last_result
+    assert last.description == FIRST and last.label == 1 and not last.model_mask.any() and last.image is image
 
 
 def test_bad_inputs_give_notifications(make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes):
@@ -290,7 +320,9 @@ def test_bad_inputs_give_notifications(make_napari_viewer, qtbot, lsms_home, mod
     widget.refresh_models()
     assert widget.select_model(model_path)
 
-    wrong = viewer.add_labels(np.zeros((2, 2, 2), np.uint8), name="old result", metadata={SOURCE_IMAGE_KEY: image.name})
+    wrong = viewer.add_labels(
+        np.zeros((2, 2, 2), np.uint8), name="old result", metadata={SOURCE_IMAGE_ID_KEY: str(image.unique_id)}
+    )
     assert "has shape" in last_warning_after(widget.segment)
     viewer.layers.remove(wrong)
 
@@ -317,7 +349,9 @@ def test_models_and_suggestions_refresh(make_napari_viewer, lsms_home, model_pat
 
     viewer, image = _viewer_with_ct(make_napari_viewer, ct_path)
     widget = _widget(viewer, model_path)
-    newer = save_model(_biased_model(tiny_config, True), lsms_home / "models" / "ft" / "model.safetensors", version="t2")
+    newer = save_model(
+        _biased_model(tiny_config, True), lsms_home / "models" / "ft" / "model.safetensors", version="t2"
+    )
     assert widget.model_combo.findData(str(newer.resolve())) < 0
     widget.refresh_models()
     assert widget.model_combo.findData(str(newer.resolve())) >= 0
@@ -329,7 +363,9 @@ def test_models_and_suggestions_refresh(make_napari_viewer, lsms_home, model_pat
     assert "the lesion in segment vii" in [a.text() for a in widget.suggestions_menu.actions()]
 
 
-def test_save_correction_keeps_model_and_corrected_masks(make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes):
+def test_save_correction_keeps_model_and_corrected_masks(
+    make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes
+):
     from lsms_core.data.corrections import CorrectionsDataset
     from lsms_core.io import read_volume
 
@@ -374,6 +410,251 @@ def test_main_opens_a_ct_with_the_widgets_docked(qtbot, lsms_home, model_path, c
         if default_model_path().is_file():
             assert widget.model_combo.currentData() == str(default_model_path().resolve())
         else:
-            assert any(level == "warning" and "default model is missing" in msg for level, msg in notes), notes
+            assert any(level == "warning" and "default model is missing" in msg for level, msg in notes), (
+                notes
+            )
     finally:
         viewer.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Review fixes: not-found results, reviewed slices, linking to the right image, teardown,
+# the slice range, guessed geometry
+# ---------------------------------------------------------------------------------------------
+
+
+def _save(qtbot, widget):
+    worker = widget.save_correction()
+    assert worker is not None
+    with qtbot.waitSignal(worker.finished, timeout=WAIT_MS):
+        pass
+
+
+def test_a_missed_lesion_is_saved_as_its_own_description(
+    make_napari_viewer, qtbot, lsms_home, model_path, absent_model_path, ct_path, notes
+):
+    from lsms_core.data.corrections import CorrectionsDataset
+    from lsms_core.io import read_volume
+
+    viewer, _ = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, model_path)
+    _run(qtbot, widget, FIRST, "slice range", 2, 5)  # lesion A: found, label 1
+    labels = viewer.layers[LABELS_NAME]
+    assert (labels.data == 1).any()
+
+    assert widget.select_model(absent_model_path)
+    _run(qtbot, widget, SECOND)  # lesion B: not found, still the current result, label 2
+    assert widget.last_result.description == SECOND and widget.last_result.label == 2
+    assert labels.selected_label == 2
+    painted = np.zeros(labels.data.shape, dtype=bool)
+    painted[1, 10:14, 12:16] = True
+    labels.data[painted] = 2  # the user paints the lesion the model missed
+    first_voxels = labels.data == 1
+
+    root = lsms_home / "corrections"
+    _save(qtbot, widget)
+    [record] = CorrectionsDataset(root).records()
+    assert record["expression"] == SECOND  # not lesion A
+    assert not read_volume(root / record["model_mask"]).array.any()
+    np.testing.assert_array_equal(read_volume(root / record["mask"]).array, painted)
+    np.testing.assert_array_equal(labels.data == 1, first_voxels)  # B's run left A alone
+
+    # Saving the same description of the same image again replaces its record (no conflicting twin).
+    labels.data[0, 10:14, 12:16] = 2  # outside A's slices
+    _save(qtbot, widget)
+    [again] = CorrectionsDataset(root).records()
+    assert again["expression"] == SECOND and again["replaces"] == [record["id"]]
+    assert again["changed_voxels"] == 2 * 16
+    assert any(level == "info" and "replaces the earlier correction" in msg for level, msg in notes), notes
+
+    # Re-running A where nothing is found clears A's old voxels in the segmented slices only.
+    assert (labels.data[3:8] == 1).any()
+    _run(qtbot, widget, FIRST, "slice range", 3, 7)
+    assert not (labels.data[3:8] == 1).any()
+    np.testing.assert_array_equal(labels.data[:3] == 1, first_voxels[:3])
+    assert (labels.data == 2).sum() == 2 * 16  # B's painting is untouched
+    row = labels.features.set_index("label").loc[1]
+    assert not bool(row["found"]) and row["voxels"] == np.count_nonzero(first_voxels[:3])
+
+
+def test_partial_scope_correction_records_the_reviewed_slices(
+    make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes
+):
+    from lsms_core.data.corrections import CorrectionsDataset
+    from lsms_core.data.dataset import ReferringDataset
+
+    viewer, image = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, model_path)
+    root = lsms_home / "corrections"
+
+    _run(qtbot, widget, FIRST, "slice range", 2, 4)
+    assert widget.last_result.slices == (2, 5)
+    _save(qtbot, widget)
+    viewer.dims.set_point(0, image.data_to_world((6, 0, 0))[0])
+    _run(qtbot, widget, SECOND, "current slice")
+    _save(qtbot, widget)
+    # The RAS CT's slice axis already runs foot to head: canonical slices are the input's.
+    by_text = {r["expression"]: r for r in CorrectionsDataset(root).records()}
+    assert by_text[FIRST]["slices"] == [2, 4] and by_text[SECOND]["slices"] == [6, 6]
+
+    _run(qtbot, widget, FIRST, "all slices")  # reviewed everywhere: no restriction
+    _save(qtbot, widget)
+    records = ReferringDataset(root).expressions()
+    assert [r["expression"] for r in records] == [SECOND, FIRST]
+    assert "slices" not in records[1] and records[0]["slices"] == [6, 6]
+
+
+def test_results_never_go_into_another_images_labels(
+    make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes
+):
+    viewer, case1 = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, model_path)
+    _run(qtbot, widget, FIRST)
+    old = viewer.layers[LABELS_NAME]
+    before = old.data.copy()
+    assert before.any()
+
+    # Close case 1, open case 2: also "synthetic_ct", same shape (and here even the same geometry).
+    viewer.layers.remove(case1)
+    [(data, kwargs, _)] = read_ct(str(ct_path))
+    case2 = viewer.add_image(data.copy(), **kwargs)
+    assert case2.name == case1.name and widget.selected_image() is case2
+    _run(qtbot, widget, SECOND)
+    new = widget.last_result.labels
+    assert new is not old and new in viewer.layers
+    assert new.metadata[SOURCE_IMAGE_ID_KEY] == str(case2.unique_id)
+    assert list(new.features["description"]) == [SECOND] and new.selected_label == 1
+    np.testing.assert_array_equal(old.data, before)  # case 1's layer is untouched
+    assert list(old.features["description"]) == [FIRST]
+    _run(qtbot, widget, FIRST)  # the same image again: its own layer is reused
+    assert widget.last_result.labels is new and list(new.features["label"]) == [1, 2]
+
+    # The same image layer with another geometry (origin moved): a new layer, not the old grid.
+    geometry = dict(case2.metadata[GEOMETRY_KEY], origin=[0.0, 0.0, 0.0])
+    case2.metadata = {**case2.metadata, GEOMETRY_KEY: geometry}
+    _run(qtbot, widget, SECOND)
+    assert widget.last_result.labels not in (old, new)
+    assert widget.last_result.labels.metadata[GEOMETRY_KEY]["origin"] == [0.0, 0.0, 0.0]
+    assert not [n for n in notes if n[0] == "error"], notes
+
+
+class _SlowSegmenter:
+    """Stands in for a Segmenter: blocks until cancelled (at most 10 s), then answers "found"."""
+
+    def __init__(self):
+        import threading
+
+        self.started, self.saw_cancel = threading.Event(), threading.Event()
+
+    def segment(self, volume, text, *, slices=None, progress=None, should_cancel=None):
+        import time
+        from types import SimpleNamespace
+
+        self.started.set()
+        deadline = time.monotonic() + 10
+        while not should_cancel() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if should_cancel():
+            self.saw_cancel.set()
+        mask = np.ones(volume.array.shape, dtype=np.uint8)
+        return SimpleNamespace(mask=mask, found=True, cancelled=False, model_version="slow")
+
+
+def _connected_to(emitter, obj) -> bool:
+    """Whether a napari event emitter still calls a method of ``obj``."""
+    for callback in emitter.callbacks:
+        target = callback[0] if isinstance(callback, tuple) else getattr(callback, "__self__", None)
+        if callable(target) and not hasattr(target, "events"):  # a weak reference
+            target = target()
+        if target is obj:
+            return True
+    return False
+
+
+def test_destroying_the_widget_mid_run_cancels_and_disconnects(
+    make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes, monkeypatch
+):
+    viewer, image = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, model_path)
+    events = viewer.layers.events
+    assert _connected_to(events.inserted, widget) and _connected_to(image.events.name, widget)
+    slow = _SlowSegmenter()
+    monkeypatch.setattr(widget.segmenters, "get", lambda *_args, **_kwargs: slow)
+    widget.set_description(FIRST)
+    worker = widget.segment()
+    assert worker is not None
+    qtbot.waitUntil(slow.started.is_set, timeout=WAIT_MS)
+    finished = []
+    worker.finished.connect(lambda: finished.append(True))
+
+    with qtbot.waitSignal(widget.destroyed, timeout=WAIT_MS):
+        widget.deleteLater()  # e.g. the viewer is closed: Qt deletes the dock's widgets
+    qtbot.waitUntil(lambda: bool(finished), timeout=WAIT_MS)
+
+    assert widget.is_closed and slow.saw_cancel.is_set()  # the job was told to stop
+    assert LABELS_NAME not in viewer.layers and widget.last_result is None  # its answer was dropped
+    assert not [n for n in notes if n[0] == "error"], notes  # no deleted Qt object was touched
+    for emitter in (events.inserted, events.removed, events.reordered, image.events.name):
+        assert not _connected_to(emitter, widget)
+    viewer.add_image(np.zeros((3, 4, 4)), name="after")  # the viewer keeps working
+    image.name = "renamed"
+
+
+def test_removing_the_dock_widget_tears_it_down(
+    make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes
+):
+    viewer, image = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, model_path)
+    viewer.window.add_dock_widget(widget, name="Segment lesion (LSMS)")
+    assert not widget.is_closed
+    viewer.window.remove_dock_widget(widget)
+    assert widget.is_closed
+    assert not _connected_to(viewer.layers.events.inserted, widget)
+    assert not _connected_to(image.events.name, widget)
+
+
+def test_slice_range_resets_only_when_the_image_changes(make_napari_viewer, lsms_home, model_path, ct_path):
+    viewer, image = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, model_path)
+    widget.scope_combo.setCurrentText("slice range")
+    widget.first_slice.setValue(2)
+    widget.last_slice.setValue(4)
+
+    viewer.add_points(np.zeros((1, 3)), name="marks")  # another layer added ...
+    image.name = "renamed ct"  # ... the image renamed ...
+    viewer.layers["marks"].name = "points"  # ... another layer renamed
+    other = viewer.add_image(np.zeros((12, 10, 10), dtype=np.int16), name="other ct")
+    assert widget.selected_image() is image and widget.image_combo.currentText() == "renamed ct"
+    assert (widget.first_slice.value(), widget.last_slice.value()) == (2, 4)
+
+    widget.image_combo.setCurrentText(other.name)  # another image: its own range
+    assert widget.last_slice.maximum() == 11 and widget.last_slice.value() == 11
+    viewer.layers.remove(other)  # the selected image closed: back to the CT, whose range applies
+    assert widget.selected_image() is image and widget.last_slice.value() == 7
+
+
+def test_an_image_from_another_reader_keeps_its_geometry_marked_as_guessed(
+    make_napari_viewer, qtbot, tmp_path, lsms_home, model_path, ct_path, notes
+):
+    from napari_lsms._writer import write_labels
+
+    viewer = make_napari_viewer()
+    [(data, kwargs, _)] = read_ct(str(ct_path))
+    image = viewer.add_image(data, scale=kwargs["scale"], translate=kwargs["translate"], name="plain")
+    assert GEOMETRY_KEY not in image.metadata  # not opened with napari-lsms
+    widget = _widget(viewer, model_path)
+    _run(qtbot, widget, FIRST)
+    assert any(level == "warning" and "not opened with napari-lsms" in msg for level, msg in notes)
+    labels = viewer.layers[LABELS_NAME]
+    assert GEOMETRY_KEY not in labels.metadata  # still a guess, like the image's
+    assert labels.scale == pytest.approx(image.scale) and labels.translate == pytest.approx(image.translate)
+    meta = {
+        "name": labels.name,
+        "metadata": labels.metadata,
+        "scale": labels.scale,
+        "translate": labels.translate,
+    }
+    with pytest.warns(UserWarning, match="no CT geometry"):
+        write_labels(str(tmp_path / "mask.nii.gz"), labels.data, meta)
+    _run(qtbot, widget, SECOND)  # both guessed, same grid: the same layer is reused
+    assert widget.last_result.labels is labels and list(labels.features["label"]) == [1, 2]

@@ -14,14 +14,22 @@ When a user fixes a mask the model produced and presses "Save correction", the p
       splits.json                       deterministic case-level train/val assignment
 
 Splits are case-level, as everywhere in the dataset format: all corrections of one image are either
-trained on or held out, so the before/after figures on the held-out corrections never score an
-image the model was fine-tuned on.
+trained on or held out for validation, so the fine-tune widget's before/after figures on the
+``val`` corrections never score an image the model was fine-tuned on. They are validation figures,
+not an independent test: fine-tuning picks its best checkpoint and stops early on the same split,
+so the "after" figure is optimistic (there is no test split).
 
 Every write is atomic (temporary file + ``os.replace`` via :mod:`lsms_core._atomic`) and nothing
 is ever overwritten: record ids are unique, an image already stored is reused, and
 ``expressions.jsonl`` is rewritten with the previous lines kept byte-identical. A crash at any
 point therefore leaves a dataset that opens and holds every record written before; at worst a few
-unreferenced mask files remain.
+unreferenced mask files remain. The one exception is asked for explicitly: ``add(..., replace=True)``
+drops the earlier records of the same image and description (see :meth:`CorrectionsDataset.add`).
+
+A correction made on part of the volume (the plugin's "current slice" and "slice range" scopes)
+keeps the reviewed range in the record's ``slices`` field (inclusive, canonical slice numbers, as
+everywhere in the dataset format), so training draws its "lesion absent" slices only from slices
+the user actually looked at.
 """
 
 from __future__ import annotations
@@ -65,6 +73,54 @@ def volume_sha256(image: Volume) -> str:
     digest.update(json.dumps(header, sort_keys=True).encode("utf-8"))
     digest.update(array.tobytes())
     return digest.hexdigest()
+
+
+def description_key(description: str) -> str:
+    """The key under which two descriptions are "the same": whitespace collapsed, case ignored."""
+    return " ".join(str(description).split()).casefold()
+
+
+def canonical_slice_range(image: Volume, slices: tuple[int, int] | None) -> list[int] | None:
+    """A record's ``slices`` field for a correction reviewed on input slices ``slices``.
+
+    Args:
+        image: the CT, in its file orientation.
+        slices: ``(z0, z1)``: input slices ``z0`` (inclusive) to ``z1`` (exclusive) of
+            ``image.array``, as :meth:`lsms_core.infer.Segmenter.segment` takes them; None for all.
+
+    Returns:
+        ``[c0, c1]``, the inclusive range of canonical slices (``docs/data.md``) holding exactly
+        those input slices, or None when the range covers the whole volume (no restriction).
+
+    Raises:
+        ValueError: an empty or out-of-bounds range, or a partial range on an image whose slice
+            axis is not the canonical (axial) one: there the reviewed voxels cut across every
+            canonical slice, so no slice range can say which slices were reviewed.
+    """
+    from lsms_core.io import canonical_axes
+
+    depth = int(np.shape(image.array)[0])
+    if slices is None:
+        return None
+    try:
+        z0, z1 = (int(v) for v in slices)
+    except (TypeError, ValueError):
+        raise ValueError(f"slices: expected a (z0, z1) pair of integers, got {slices!r}") from None
+    if not 0 <= z0 < z1 <= depth:
+        raise ValueError(
+            f"slices: {slices!r} must satisfy 0 <= z0 < z1 <= {depth} (the image has {depth} slices)"
+        )
+    if (z0, z1) == (0, depth):
+        return None
+    perm, flip = canonical_axes(image.direction)
+    if perm[2] != 2:
+        raise ValueError(
+            f"slices: the image's slice axis is not axial (sagittal or coronal file), so a correction "
+            f"reviewed on slices {z0}..{z1 - 1} only cannot be recorded; segment all slices, correct, then save"
+        )
+    if flip[2]:
+        return [depth - z1, depth - 1 - z0]
+    return [z0, z1 - 1]
 
 
 def _hash_key(case_id: str) -> bytes:
@@ -179,16 +235,27 @@ class CorrectionsDataset:
         *,
         model_version: str,
         image_ref: str | None = None,
+        slices: tuple[int, int] | None = None,
+        replace: bool = False,
     ) -> dict:
         """Store one correction and return its record.
 
         Args:
             image: the CT the model segmented (any orientation; its geometry is kept).
             description: the text the user typed; becomes the record's ``expression``.
-            model_mask: the model's binary mask, same shape as ``image.array``.
+            model_mask: the model's binary mask, same shape as ``image.array``. All zeros when the
+                model found nothing (the user painted a lesion it missed, or confirmed its absence).
             corrected_mask: the user's corrected mask (the training target), same shape.
             model_version: the version of the model that produced ``model_mask``.
             image_ref: where the image came from (a file path); defaults to ``image.path``.
+            slices: the input slices the model segmented and the user reviewed, ``(z0, z1)`` with
+                ``z1`` exclusive (the numbering of ``image.array`` and of ``Segmenter.segment``);
+                None for the whole volume. Stored as the record's canonical ``slices`` (see
+                :func:`canonical_slice_range`), which keeps training's "absent" slices inside it.
+            replace: when True, earlier records of the same image (content hash) and the same
+                description (ignoring case and spacing) are removed in the same atomic rewrite of
+                ``expressions.jsonl`` and their mask files deleted afterwards; the new record lists
+                their ids in ``"replaces"``. When False (the default) every call adds a record.
 
         Returns:
             the record appended to ``expressions.jsonl``.
@@ -208,13 +275,32 @@ class CorrectionsDataset:
                     "pass masks on the image's voxel grid"
                 )
             masks[name] = (mask > 0).astype(np.uint8)
+        reviewed = canonical_slice_range(image, slices)
 
         self.check_writable()
         self._check_is_corrections_dataset()
         with self._lock():
-            return self._add(image, description, masks, model_version=model_version, image_ref=image_ref)
+            return self._add(
+                image,
+                description,
+                masks,
+                model_version=model_version,
+                image_ref=image_ref,
+                reviewed=reviewed,
+                replace=replace,
+            )
 
-    def _add(self, image: Volume, description: str, masks: dict, *, model_version: str, image_ref) -> dict:
+    def _add(
+        self,
+        image: Volume,
+        description: str,
+        masks: dict,
+        *,
+        model_version: str,
+        image_ref,
+        reviewed,
+        replace,
+    ) -> dict:
         from lsms_core.data.dataset import LESIONS_FILE, DatasetWriter
         from lsms_core.io import write_volume
 
@@ -237,6 +323,10 @@ class CorrectionsDataset:
 
         existing = self.records()
         record_id = self._new_id({record["id"] for record in existing})
+        key = description_key(description)
+        replaced = [
+            r for r in existing if replace and r["case"] == case and description_key(r["expression"]) == key
+        ]
         paths = {}
         for name, suffix in (("model_mask", "model"), ("corrected_mask", "corrected")):
             relative = f"cases/{case}/masks/{record_id}_{suffix}.nii.gz"
@@ -259,8 +349,17 @@ class CorrectionsDataset:
             "model_version": str(model_version),
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
-        self._append_record(record)
+        if reviewed is not None:
+            record["slices"] = reviewed
+        if replaced:
+            record["replaces"] = [r["id"] for r in replaced]
+        self._append_record(record, drop={r["id"] for r in replaced})
         writer.write_splits(assign_splits([r["case"] for r in existing] + [case]))
+        for old in replaced:  # unreferenced now; a crash before this only leaves stray files
+            for name in ("mask", "model_mask"):
+                if isinstance(old.get(name), str):
+                    with contextlib.suppress(OSError):
+                        (self.root / old[name]).unlink()
         return record
 
     # ------------------------------------------------------------------ helpers
@@ -295,7 +394,7 @@ class CorrectionsDataset:
         if not isinstance(meta, dict) or meta.get("source") != SOURCE:
             raise ValueError(
                 f"{self.root} holds a dataset that is not a corrections dataset "
-                f"(dataset.json has no \"source\": \"{SOURCE}\"); choose an empty or a corrections folder"
+                f'(dataset.json has no "source": "{SOURCE}"); choose an empty or a corrections folder'
             )
 
     @staticmethod
@@ -306,10 +405,16 @@ class CorrectionsDataset:
             if record_id not in taken:
                 return record_id
 
-    def _append_record(self, record: dict) -> None:
-        """Rewrite ``expressions.jsonl`` atomically: old bytes unchanged, one line appended."""
+    def _append_record(self, record: dict, drop: set[str] = frozenset()) -> None:
+        """Rewrite ``expressions.jsonl`` atomically: old bytes unchanged (except the lines of the
+        records in ``drop``, removed), one line appended."""
         old = self.expressions_path.read_bytes() if self.expressions_path.exists() else b""
         if old and not old.endswith(b"\n"):
             old += b"\n"
+        if drop:
+            lines = old.splitlines(keepends=True)
+            old = b"".join(
+                line for line in lines if not line.strip() or json.loads(line).get("id") not in drop
+            )
         line = json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
         atomic_write_bytes(self.expressions_path, old + line)
