@@ -976,14 +976,22 @@ class SegmentWidget(QWidget):
         self.suggestions_button.setEnabled(bool(recent or sample))
 
     def _refresh_devices(self) -> None:
-        try:
-            from lsms_core.infer import available_devices
+        """Offer "auto" now and the machine's devices once a worker has listed them: listing them
+        imports torch (a second or more), which must not freeze the window that is opening."""
+        from lsms_core.infer import available_devices
 
-            devices = list(available_devices())
-        except Exception:  # noqa: BLE001 - the picker still offers "auto"
-            devices = []
         self.device_combo.clear()
-        self.device_combo.addItems(["auto", *[d for d in devices if d != "auto"]])
+        self.device_combo.addItem("auto")
+        lifetime = self._lifetime
+
+        def show(devices) -> None:
+            if not lifetime.closed.is_set():
+                self.device_combo.addItems([d for d in devices if d != "auto"])
+
+        worker = create_worker(available_devices, _ignore_errors=True)  # on error "auto" stays
+        worker.returned.connect(show)
+        self.devices_worker = worker
+        worker.start()
 
     def _refresh_corrections_count(self) -> None:
         root = Path(self.corrections_edit.text().strip())
