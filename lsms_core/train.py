@@ -11,13 +11,15 @@ Files written into ``out_dir`` (only by rank 0 under DDP; all atomic, no pickle 
 
     model.safetensors + model.json       best model so far (a normal LSMS model file)
     last.safetensors  + last.json        latest checkpoint: weights + sidecar whose "extra" holds
-                                         the training state (step, scheduler, RNG, best metric...)
+                                         the training state (step, scheduler, RNG, best metric...);
+                                         last.json is the checkpoint's commit point
     last_state.safetensors               optimizer state (and torch RNG) as plain tensors
     log.jsonl                            one JSON object per event
     STOP                                 create it to ask a running fit() to stop cleanly
 
 ``fit()`` resumes from ``last.*`` when present: same ``out_dir`` -> training continues at the saved
-step with the same data order, optimizer, scheduler and RNG state. Several GPUs: run the same
+step with the same data order, optimizer, scheduler and RNG state (the same ``TrainConfig`` is
+required, except the fields of :data:`RESUME_FREE_FIELDS` and more ``epochs``/``max_steps``). Several GPUs: run the same
 command under ``torchrun`` (``python -m torch.distributed.run --nproc_per_node N -m lsms_core.train
 --data D --out O``); the process group comes from ``WORLD_SIZE``/``RANK``.
 
@@ -29,11 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import random
+import re
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -53,6 +57,7 @@ logger = logging.getLogger(__name__)
 BEST_MODEL = "model.safetensors"
 LAST_MODEL = "last.safetensors"
 LAST_STATE = "last_state.safetensors"
+LAST_CARD = "last.json"
 LOG_FILE = "log.jsonl"
 STOP_FILE = "STOP"
 STATE_FORMAT = "lsms-train-state"
@@ -87,6 +92,31 @@ def switched_on(requested, saved) -> list[str]:
 
 EVENTS = ("start", "step", "validation", "checkpoint", "end", "stopped")
 
+#: ``TrainConfig`` fields that may differ when a run is resumed: where and how fast it runs, how
+#: often it logs, checkpoints and validates. ``epochs``/``max_steps`` may only extend the run and are
+#: checked separately; every other field (batch size, seed, learning rates, schedule, augmentation,
+#: splits, monitor, validation subset) must match the checkpoint's, since it changes what a step or
+#: the best metric means.
+RESUME_FREE_FIELDS = (
+    "patience",
+    "val_every",
+    "val_batch_size",
+    "num_workers",
+    "cache_cases",
+    "device",
+    "amp",
+    "checkpoint_every_steps",
+    "log_every_steps",
+)
+RESUME_LENGTH_FIELDS = ("epochs", "max_steps")
+
+
+def monitor_metrics() -> tuple[str, ...]:
+    """Names ``TrainConfig.monitor`` accepts: the keys of ``evaluate_model(...)["overall"]``."""
+    from lsms_core.metrics import summarize
+
+    return (*summarize([]), "presence_accuracy")
+
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -110,12 +140,14 @@ class TrainConfig:
         seed: seeds torch, numpy, random and the data order.
         patience: stop after this many validations without improvement of ``monitor``
             (``None`` or 0 = no early stopping).
-        monitor: validation metric to maximise (a key of ``evaluate_model(...)["overall"]``).
+        monitor: validation metric to maximise (a key of ``evaluate_model(...)["overall"]``, see
+            :func:`monitor_metrics`; checked when the config is built).
         val_every: validate every this many epochs (and always after the last step).
         val_max_items: evaluate at most this many (expression, slice) pairs per validation
             (an evenly spaced deterministic subset); ``None`` = all.
         val_batch_size: batch size of validation.
-        num_workers: DataLoader worker processes.
+        num_workers: DataLoader worker processes. Each worker seeds its augmentation from
+            (``seed``, epoch, rank, worker id); 0 draws them in the main process (exact resume).
         cache_cases: how many decoded cases to keep in memory; ``None`` = every case of the train
             and validation splits (no CT is decompressed twice; costs about the cases' raw size in RAM).
         device: ``"auto"`` (cuda, then mps, then cpu) or a torch device string.
@@ -179,8 +211,9 @@ class TrainConfig:
             bad("warmup_steps", "must be >= 0 (steps, or a fraction of the total below 1)")
         if self.grad_clip is not None and float(self.grad_clip) < 0:
             bad("grad_clip", "must be None or >= 0")
-        if not self.monitor:
-            bad("monitor", "name a validation metric such as 'mIoU'")
+        names = monitor_metrics()
+        if not isinstance(self.monitor, str) or self.monitor not in names:
+            bad("monitor", f"not a validation metric; choose one of {', '.join(names)}")
 
     def warmup_for(self, total_steps: int) -> int:
         """The warm-up length in steps for a run of ``total_steps``."""
@@ -284,12 +317,31 @@ def _augmentation_rng(train_set):
     """The numpy ``Generator`` that drives a SliceDataset's augmentation, if it exposes one.
 
     Its state is checkpointed so that a resumed run draws the same augmentations as an
-    uninterrupted one (with ``num_workers=0``; worker processes get their own copies).
+    uninterrupted one (with ``num_workers=0``; worker processes get their own copies, reseeded by
+    :func:`_seed_augmentation_worker`).
     """
     import numpy as np
 
     rng = getattr(train_set, "augmentation_rng", None)
     return rng if isinstance(rng, np.random.Generator) else None
+
+
+def _seed_augmentation_worker(worker_id: int, *, seed: int, epoch: int, rank: int) -> None:
+    """DataLoader ``worker_init_fn`` (``num_workers > 0``): give this worker's copy of the dataset
+    its own augmentation generator, seeded from (``seed``, ``epoch``, ``rank``, worker id).
+
+    Without it every worker would start from the same copied generator state (the main process's
+    one, which never advances when workers load), so workers would repeat each other's draws and
+    every epoch would repeat the previous one.
+    """
+    import numpy as np
+    from torch.utils.data import get_worker_info
+
+    info = get_worker_info()
+    dataset = info.dataset if info is not None else None
+    if _augmentation_rng(dataset) is not None:
+        key = [int(v) & (2**64 - 1) for v in (seed, epoch, rank, worker_id)]  # SeedSequence wants >= 0
+        dataset.augmentation_rng = np.random.default_rng(key)
 
 
 def seed_everything(seed: int) -> None:
@@ -520,7 +572,12 @@ class Trainer:
 
         if self.init_card is None:
             return self.model_config
+        from lsms_core.checkpoint import _resolve_text_encoder_dir
+
         saved = LSMSConfig.from_dict(self.init_card["config"])
+        # A relative encoder folder is relative to the saved model (as load_model finds it); the
+        # models this run saves elsewhere need the folder's real path.
+        _resolve_text_encoder_dir(saved, self.init_from)
         if self.model_config is None:
             return saved
         merged = saved.to_dict()
@@ -670,60 +727,144 @@ class Trainer:
             "train_config": self.train_config.to_dict(),
         }
 
-    def _save_checkpoint(self, finished: bool = False, reason: str | None = None) -> None:
-        """Write ``last_state.safetensors`` then ``last.safetensors`` + ``last.json`` (rank 0).
+    def _tagged(self, name: str, step: int) -> Path:
+        """The step-tagged file a checkpoint at ``step`` writes before its commit, e.g.
+        ``last-step00000200.safetensors`` for ``last.safetensors``."""
+        stem = name[: -len(".safetensors")]
+        return self.out_dir / f"{stem}-step{step:08d}.safetensors"
 
-        The sidecar is written last; the state file's header records its step, so a crash between
-        the writes leaves two different steps, which :meth:`_restore` reports instead of mixing them.
+    def _remove_stale_tagged(self) -> None:
+        """Remove step-tagged checkpoint files left by an interrupted checkpoint write."""
+        pattern = re.compile(r"(last|last_state)-step\d+\.safetensors")
+        for path in self.out_dir.iterdir():
+            if pattern.fullmatch(path.name):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+
+    def _save_checkpoint(self, finished: bool = False, reason: str | None = None) -> None:
+        """Write the checkpoint of the current step (rank 0); ``last.json`` is its commit point.
+
+        1. ``last_state-stepN.safetensors`` (optimizer, scheduler tensors, torch RNG) and
+           ``last-stepN.safetensors`` (weights), both with ``step`` N in their header;
+        2. ``last.json`` (sidecar + training state of step N), atomically: the commit;
+        3. the step-tagged files are renamed to ``last_state.safetensors`` / ``last.safetensors``.
+
+        A crash or a full disk before 2 leaves the previous checkpoint whole (its ``last.json``,
+        ``last.safetensors`` and ``last_state.safetensors``); one after 2 leaves the step-tagged files,
+        which :meth:`_read_checkpoint` finds. Either way the run resumes from a consistent checkpoint.
         """
         if self.dist.is_main:
             from safetensors.torch import save_file
 
-            from lsms_core._atomic import atomic_path
-            from lsms_core.checkpoint import save_model
+            from lsms_core._atomic import atomic_path, atomic_write_json
+            from lsms_core.checkpoint import model_card, write_weights
 
+            step = self.step
             rng_json, rng_tensors = _rng_state()
             opt_skeleton, tensors = flatten_state(
                 {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
             )
             tensors.update(rng_tensors)
-            with atomic_path(self.out_dir / LAST_STATE) as tmp:
-                save_file(tensors, str(tmp), metadata={"format": STATE_FORMAT, "step": str(self.step)})
+            state_file, weights_file = self._tagged(LAST_STATE, step), self._tagged(LAST_MODEL, step)
+            with atomic_path(state_file) as tmp:
+                save_file(tensors, str(tmp), metadata={"format": STATE_FORMAT, "step": str(step)})
+            write_weights(self.raw_model, weights_file, metadata={"step": str(step)})
             state = self._training_state(finished, reason)
             aug_rng = _augmentation_rng(self.train_set)
             rng_json["augmentation"] = aug_rng.bit_generator.state if aug_rng is not None else None
             state.update(optimizer_skeleton=opt_skeleton, rng=rng_json)
-            save_model(
+            card = model_card(
                 self.raw_model,
-                self.last_model_path,
                 metrics=self.last_metrics or {},
                 data_fingerprint=self.data_fingerprint,
                 extra={"training_state": state},
             )
-            self._last_checkpoint_step = self.step
+            atomic_write_json(self.out_dir / LAST_CARD, card)  # the commit point
+            os.replace(weights_file, self.last_model_path)
+            os.replace(state_file, self.out_dir / LAST_STATE)
+            self._remove_stale_tagged()
+            self._last_checkpoint_step = step
             self._emit("checkpoint", path=str(self.last_model_path), finished=finished)
         self._barrier()
 
     def _read_checkpoint(self) -> dict | None:
-        """The saved training state of ``out_dir`` (``None`` when there is no checkpoint)."""
-        if not self.last_model_path.is_file():
-            return None
-        from lsms_core.checkpoint import read_model_card
+        """The saved training state of ``out_dir`` (``None`` when there is no checkpoint).
 
-        card = read_model_card(self.last_model_path)
+        ``last.json`` says which step is committed; its weights and optimizer state are the
+        step-tagged files of that step when a crash left them there, else ``last.safetensors`` and
+        ``last_state.safetensors``. Sets ``self._resume_files`` to (weights, state file).
+        """
+        from lsms_core.checkpoint import read_card_file, read_model_card
+
+        card_file = self.out_dir / LAST_CARD
+        if not card_file.is_file():
+            if self.last_model_path.is_file():
+                read_model_card(self.last_model_path)  # raises: weights without their sidecar
+            return None  # (step-tagged files alone: a first checkpoint that never committed)
+        card = read_card_file(card_file)
         state = (card.get("extra") or {}).get("training_state")
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError(
                 f"{self.last_model_path} is a model file but not a training checkpoint (no training "
                 "state in its sidecar); use another --out folder or remove last.safetensors/last.json"
             )
-        if not (self.out_dir / LAST_STATE).is_file():
+        step = int(state["step"])
+        found = []
+        for name in (LAST_MODEL, LAST_STATE):
+            tagged = self._tagged(name, step)
+            found.append(tagged if tagged.is_file() else self.out_dir / name)
+        weights, state_file = found
+        if not weights.is_file():
+            raise ValueError(
+                f"{weights} is missing, so the checkpoint in {self.out_dir} cannot be resumed; remove "
+                "last.* to start over in this folder or use a new --out folder"
+            )
+        if not state_file.is_file():
             raise ValueError(
                 f"{self.out_dir / LAST_STATE} is missing, so the checkpoint in {self.out_dir} cannot be "
                 "resumed; remove last.* to start over in this folder or use a new --out folder"
             )
+        self._resume_files = (weights, state_file)
         state["config"] = card["config"]
         return state
+
+    def _check_resume_config(self, state: dict) -> None:
+        """Refuse to resume with a ``TrainConfig`` that changes what a step means (see
+        :data:`RESUME_FREE_FIELDS`); ``epochs``/``max_steps`` are checked by :meth:`_check_resume_length`."""
+        saved = state.get("train_config")
+        if not isinstance(saved, dict):  # a checkpoint without its config: nothing to compare
+            return
+        current = json.loads(json.dumps(self.train_config.to_dict()))
+        ignored = set(RESUME_FREE_FIELDS) | set(RESUME_LENGTH_FIELDS)
+        differing = [
+            f"{name} (saved {saved[name]!r}, now {current[name]!r})"
+            for name in current
+            if name not in ignored and name in saved and saved[name] != current[name]
+        ]
+        if differing:
+            raise ValueError(
+                f"cannot resume the run in {self.out_dir} with a different TrainConfig: "
+                + ", ".join(differing)
+                + ". These fields change what a step or the best metric means; pass the saved values "
+                f"(extra.training_state.train_config in {self.out_dir / LAST_CARD}) or use a new --out "
+                f"folder. Only epochs/max_steps (to extend the run) and {', '.join(RESUME_FREE_FIELDS)} "
+                "may change on resume"
+            )
+
+    def _check_resume_length(self, state: dict) -> None:
+        """A resumed run may be extended (more epochs/max_steps), not shortened."""
+        saved_total = state.get("total_steps")
+        if isinstance(saved_total, int) and self.total_steps < saved_total:
+            saved = state.get("train_config") or {}
+            fields = ", ".join(
+                f"{name} (saved {saved.get(name)!r}, now {getattr(self.train_config, name)!r})"
+                for name in RESUME_LENGTH_FIELDS
+            )
+            raise ValueError(
+                f"cannot resume the run in {self.out_dir} with fewer total steps ({self.total_steps} < "
+                f"{saved_total}: {fields}); a resumed run can only be extended. Pass the saved values "
+                "or more, or use a new --out folder"
+            )
 
     def _restore(self, state: dict) -> None:
         """Load weights, optimizer, scheduler, RNG and bookkeeping from a checkpoint."""
@@ -732,22 +873,36 @@ class Trainer:
 
         from lsms_core.checkpoint import TEXT_ENCODER_PREFIX
 
-        weights = load_file(str(self.last_model_path), device="cpu")
+        weights_file, state_file = self._resume_files
+        step = int(state["step"])
+        with safe_open(str(weights_file), framework="pt") as fh:
+            weights_step = (fh.metadata() or {}).get("step")  # absent in checkpoints of older versions
+        weights = load_file(str(weights_file), device="cpu")
         missing, unexpected = self.raw_model.load_state_dict(weights, strict=False)
         missing = [k for k in missing if not k.startswith(TEXT_ENCODER_PREFIX)]
         if missing or unexpected:
             raise ValueError(
-                f"checkpoint {self.last_model_path} does not fit the model (missing {missing[:5]}, "
+                f"checkpoint {weights_file} does not fit the model (missing {missing[:5]}, "
                 f"unexpected {unexpected[:5]}); remove last.* or use a new --out folder"
             )
-        state_file = self.out_dir / LAST_STATE
         with safe_open(str(state_file), framework="pt") as fh:
             saved_step = int((fh.metadata() or {}).get("step", -1))
-        if saved_step != state["step"]:
-            raise ValueError(
-                f"{state_file} (step {saved_step}) and {self.last_model_path.with_suffix('.json')} "
-                f"(step {state['step']}) disagree: the run was killed while writing a checkpoint; "
-                "remove last.* and last_state.safetensors to restart this run from scratch"
+        mismatched = [
+            f"{path.name} (step {found})"
+            for path, found in ((state_file, saved_step), (weights_file, weights_step))
+            if found is not None and int(found) != step
+        ]
+        if mismatched:
+            # Only a checkpoint written by an older lsms_core (three files without a commit point)
+            # can get here: a kill between its writes. Its files are one checkpoint apart; resuming
+            # from last.json's step with them is close to, but not exactly, the uninterrupted run.
+            logger.warning(
+                "%s and %s (step %s) disagree: the run was killed while an older lsms_core wrote this "
+                "checkpoint; resuming from step %s with them (not bit-exact)",
+                ", ".join(mismatched),
+                LAST_CARD,
+                step,
+                step,
             )
         tensors = load_file(str(state_file), device="cpu")
         restored = unflatten_state(state["optimizer_skeleton"], tensors)
@@ -757,7 +912,7 @@ class Trainer:
         aug_rng = _augmentation_rng(self.train_set)
         if aug_rng is not None and state["rng"].get("augmentation"):
             aug_rng.bit_generator.state = state["rng"]["augmentation"]
-        self.step = int(state["step"])
+        self.step = step
         self.best_metric = state.get("best_metric")
         self.best_step = state.get("best_step")
         self.bad_validations = int(state.get("bad_validations", 0))
@@ -805,7 +960,8 @@ class Trainer:
         """Batches of ``epoch`` for this rank, skipping the first ``skip_batches`` (resume).
 
         The order is a ``DistributedSampler`` permutation seeded by ``seed`` and ``epoch``, so an
-        epoch's batches are the same whether the run was interrupted or not.
+        epoch's batches are the same whether the run was interrupted or not. With ``num_workers > 0``
+        each worker draws its augmentations from its own (seed, epoch, rank, worker) generator.
         """
         import torch
         from torch.utils.data import DataLoader, DistributedSampler
@@ -817,12 +973,20 @@ class Trainer:
         sampler.set_epoch(epoch)
         indices = list(sampler)[skip_batches * tc.batch_size :]
         generator = torch.Generator().manual_seed(tc.seed * 100_003 + epoch)
+        # Workers (if any) reseed their copy of the augmentation generator per (seed, epoch, rank,
+        # worker); with num_workers=0 the main process's generator is used as before.
+        worker_init_fn = (
+            functools.partial(_seed_augmentation_worker, seed=tc.seed, epoch=epoch, rank=self.dist.rank)
+            if tc.num_workers
+            else None
+        )
         loader = DataLoader(
             train_set,
             batch_size=tc.batch_size,
             sampler=indices,
             num_workers=tc.num_workers,
             generator=generator,
+            worker_init_fn=worker_init_fn,
             pin_memory=self.device.type == "cuda",
         )
         yield from loader
@@ -991,9 +1155,14 @@ class Trainer:
                     self.stop_file.unlink()
             self._barrier()
             checkpoint = self._read_checkpoint()
+            if checkpoint is not None:
+                self._check_resume_config(checkpoint)
             seed_everything(tc.seed)
             if checkpoint is not None:  # the run's own config wins when resuming
+                from lsms_core.checkpoint import _resolve_text_encoder_dir
+
                 config = LSMSConfig.from_dict(checkpoint["config"])
+                _resolve_text_encoder_dir(config, self.last_model_path)
                 self.raw_model = LSMS(config).to(self.device)
             else:
                 config = self._resolve_model_config()
@@ -1003,6 +1172,8 @@ class Trainer:
             per_rank = math.ceil(len(train_set) / self.dist.world_size)
             self.steps_per_epoch = math.ceil(per_rank / tc.batch_size)
             self.total_steps = tc.max_steps or tc.epochs * self.steps_per_epoch
+            if checkpoint is not None:
+                self._check_resume_length(checkpoint)
             warmup = tc.warmup_for(self.total_steps)
             self.optimizer = torch.optim.AdamW(self._param_groups(self.raw_model), lr=tc.lr)
             total = self.total_steps

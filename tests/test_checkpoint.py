@@ -149,3 +149,43 @@ def test_registry_lists_default_and_home_models_newest_first(tiny_model, tmp_pat
     with_extra = list_models(extra_dirs=[tmp_path / "elsewhere", home / "models"])
     assert {e.path for e in with_extra} == {default, old, new, extra}
     assert len(with_extra) == 4
+
+
+def test_dotted_model_names_keep_their_own_sidecar(tiny_model, tmp_path):
+    assert checkpoint._weights_path(tmp_path / "model_v1.5") == tmp_path / "model_v1.5.safetensors"
+    assert checkpoint._weights_path(tmp_path / "m.json") == tmp_path / "m.safetensors"
+    assert checkpoint._weights_path(tmp_path / "m.safetensors") == tmp_path / "m.safetensors"
+    assert checkpoint.sidecar_path(tmp_path / "model_v1.5.safetensors") == tmp_path / "model_v1.5.json"
+    assert checkpoint.sidecar_path(tmp_path / "model_v1.5") == tmp_path / "model_v1.5.json"
+
+    dotted = save_model(tiny_model, tmp_path / "model_v1.5", version="1.5")
+    assert dotted == tmp_path / "model_v1.5.safetensors"
+    assert (tmp_path / "model_v1.5.json").is_file() and not (tmp_path / "model_v1.json").exists()
+    assert load_model(dotted).model_card["version"] == "1.5"
+
+    save_model(tiny_model, tmp_path / "exp.v1", version="one")
+    save_model(tiny_model, tmp_path / "exp.v2", version="two")
+    assert not (tmp_path / "exp.json").exists()
+    assert load_model(tmp_path / "exp.v1").model_card["version"] == "one"
+    assert load_model(tmp_path / "exp.v2.json").model_card["version"] == "two"
+    assert {e.name for e in list_models(extra_dirs=[tmp_path])} >= {"model_v1.5", "exp.v1", "exp.v2"}
+
+
+def test_model_with_its_encoder_beside_it_can_be_saved_elsewhere(
+    tiny_model, tiny_encoder_dir, tmp_path, monkeypatch
+):
+    """A card's relative text_encoder is relative to its model file; a re-saved copy must still load."""
+    import shutil
+
+    shutil.copytree(tiny_encoder_dir, tmp_path / "bundle" / "encoder")
+    base = save_model(tiny_model, tmp_path / "bundle" / "m.safetensors")
+    _edit_card(base, **{"config.text_encoder": "encoder"})
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    loaded = load_model("bundle/m.safetensors")  # found beside the model
+    copy = save_model(loaded, "out/copy")
+    saved = json.loads((tmp_path / "out" / "copy.json").read_text())["config"]["text_encoder"]
+    assert saved == str((tmp_path / "bundle" / "encoder").resolve())
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    again = load_model(tmp_path / copy)
+    np.testing.assert_allclose(_forward(again).numpy(), _forward(loaded).numpy(), rtol=1e-5, atol=1e-6)

@@ -76,12 +76,17 @@ def load_tensors(path) -> dict:
 
 
 def assert_safetensors_file(path: Path) -> None:
-    """A safetensors file: 8-byte little-endian header length + a JSON header; never a pickle/zip."""
+    """A safetensors file: 8-byte little-endian header length + a JSON header whose tensors fill the
+    rest of the file exactly; never a pickle/zip. (A first byte 0x80 is no sign of a pickle here:
+    it is the low byte of the header length.)"""
     raw = path.read_bytes()
-    assert raw[:1] != b"\x80" and raw[:2] != b"PK", f"{path.name} looks like a pickle/torch.save file"
+    assert raw[:2] != b"PK", f"{path.name} looks like a torch.save zip file"
     (header_len,) = struct.unpack("<Q", raw[:8])
+    assert 8 + header_len <= len(raw), f"{path.name} looks like a pickle, not safetensors"
     header = json.loads(raw[8 : 8 + header_len])
     assert isinstance(header, dict) and header
+    ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
+    assert 8 + header_len + max(ends, default=0) == len(raw)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -461,3 +466,230 @@ def test_kill_9_mid_training_then_resume_finishes_the_run(small_config, data_dir
     logged = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     starts = [e for e in logged if e["event"] == "start"]
     assert starts[-1].get("resumed") and starts[-1]["step"] >= killed_after
+
+
+# ------------------------------------------------------------------------------------------ review fixes
+
+
+def test_monitor_is_checked_when_the_config_is_built():
+    from lsms_core.train import monitor_metrics
+
+    with pytest.raises(ValueError, match=r"TrainConfig.monitor='miou'.*mIoU"):
+        TrainConfig(monitor="miou")
+    with pytest.raises(ValueError, match="monitor"):
+        TrainConfig.from_dict({"monitor": "accuracy"})
+    expected = {"mIoU", "oIoU", "dice", "P@0.5", "negative_accuracy", "presence_accuracy"}
+    assert expected <= set(monitor_metrics())
+    for name in ("dice", "P@0.7", "presence_accuracy"):
+        assert TrainConfig(monitor=name).monitor == name
+
+
+def _final_weights(out):
+    return load_tensors(out / "last.safetensors")
+
+
+def _assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_crash_between_checkpoint_files_resumes_from_a_consistent_checkpoint(
+    small_config, data_dir, tmp_path, monkeypatch
+):
+    import lsms_core.checkpoint as checkpoint_module
+    import lsms_core.train as train_module
+
+    # checkpoints at steps 2, 3 (epoch end) and 4
+    config = fast_config(max_steps=5, checkpoint_every_steps=2, augment=True)
+    full, _ = run(small_config, data_dir, tmp_path / "full", train_config=config)
+    expected = _final_weights(tmp_path / "full")
+
+    # 1. disk full after the optimizer state of step 4 was written, before its weights and last.json
+    out = tmp_path / "disk_full"
+    real_write_weights = checkpoint_module.write_weights
+
+    def write_weights(model, path, metadata=None):
+        if metadata and metadata.get("step") == "4":
+            raise OSError(28, "No space left on device")
+        return real_write_weights(model, path, metadata)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint_module, "write_weights", write_weights)
+        with pytest.raises(OSError, match="No space left"):
+            run(small_config, data_dir, out, train_config=config)
+    state = json.loads((out / "last.json").read_text())["extra"]["training_state"]
+    assert state["step"] == 3  # the previous checkpoint (epoch end) is still the committed one
+    assert (out / "last_state-step00000004.safetensors").is_file()  # the uncommitted first file
+    resumed, events = run(small_config, data_dir, out, train_config=config)
+    assert events[0]["resumed"] and [e["step"] for e in events if e["event"] == "step"] == [4, 5]
+    assert resumed["step"] == 5
+    _assert_same_weights(_final_weights(out), expected)
+    assert not list(out.glob("*-step*.safetensors")), "step-tagged files were left behind"
+
+    # 2. killed after last.json of step 4 was committed, before its files got their final names
+    out = tmp_path / "after_commit"
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if Path(src).name == "last-step00000004.safetensors":
+            raise KeyboardInterrupt("simulated kill")
+        return real_replace(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module.os, "replace", replace)
+        with pytest.raises(KeyboardInterrupt):
+            run(small_config, data_dir, out, train_config=config)
+    assert (out / "last-step00000004.safetensors").is_file()
+    resumed, events = run(small_config, data_dir, out, train_config=config)
+    assert [e["step"] for e in events if e["event"] == "step"] == [5]
+    _assert_same_weights(_final_weights(out), expected)
+    assert not list(out.glob("*-step*.safetensors"))
+
+
+def _stop_after(n_steps):
+    events: list[dict] = []
+
+    def should_stop():
+        return sum(e["event"] == "step" for e in events) >= n_steps
+
+    return events, should_stop
+
+
+def test_checkpoints_of_the_older_three_file_layout_still_resume(small_config, data_dir, tmp_path, caplog):
+    """Older lsms_core wrote last.safetensors without a step in its header and no commit point."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    config = fast_config(max_steps=4, checkpoint_every_steps=None, augment=True)
+    full, _ = run(small_config, data_dir, tmp_path / "full", train_config=config)
+
+    def strip_step(path):
+        with safe_open(str(path), framework="pt") as fh:
+            meta = {k: v for k, v in (fh.metadata() or {}).items() if k != "step"}
+        save_file(load_tensors(path), str(path), metadata=meta)
+
+    def stopped_run(out, n_steps):
+        events, should_stop = _stop_after(n_steps)
+        summary, _ = run(small_config, data_dir, out, train_config=config, callback=events.append,
+                         should_stop=should_stop)  # fmt: skip
+        assert summary["reason"] == "stopped" and summary["step"] == n_steps
+
+    # a whole old checkpoint resumes exactly
+    stopped_run(tmp_path / "old", 2)
+    strip_step(tmp_path / "old" / "last.safetensors")
+    summary, events = run(small_config, data_dir, tmp_path / "old", train_config=config)
+    assert [e["step"] for e in events if e["event"] == "step"] == [3, 4]
+    _assert_same_weights(_final_weights(tmp_path / "old"), _final_weights(tmp_path / "full"))
+
+    # an old checkpoint killed between its writes (optimizer state one step newer than last.json)
+    # resumes from last.json's step with a warning instead of refusing
+    stopped_run(tmp_path / "torn", 2)
+    stopped_run(tmp_path / "newer", 3)
+    (tmp_path / "torn" / "last_state.safetensors").write_bytes(
+        (tmp_path / "newer" / "last_state.safetensors").read_bytes()
+    )
+    strip_step(tmp_path / "torn" / "last.safetensors")
+    with caplog.at_level("WARNING", logger="lsms_core.train"):
+        summary, events = run(small_config, data_dir, tmp_path / "torn", train_config=config)
+    assert "disagree" in caplog.text and "not bit-exact" in caplog.text
+    assert summary["reason"] == "completed" and [e["step"] for e in events if e["event"] == "step"] == [3, 4]
+
+
+def test_resume_refuses_a_different_recipe_but_may_extend_the_run(small_config, data_dir, tmp_path):
+    out = tmp_path / "run"
+    config = fast_config(max_steps=2)
+    events, should_stop = _stop_after(1)
+    summary, _ = run(small_config, data_dir, out, train_config=config, callback=events.append,
+                     should_stop=should_stop)  # fmt: skip
+    assert summary["step"] == 1
+
+    for changes, named in (
+        ({"batch_size": 4}, ["batch_size (saved 8, now 4)"]),
+        ({"seed": 1, "monitor": "dice"}, ["seed", "monitor"]),
+        ({"lr": 1e-4, "augment": True}, ["lr", "augment"]),
+        ({"max_steps": 1}, ["fewer total steps", "max_steps (saved 2, now 1)"]),
+    ):
+        with pytest.raises(ValueError, match="cannot resume") as info:
+            run(small_config, data_dir, out, train_config=dataclasses.replace(config, **changes))
+        for text in named:
+            assert text in str(info.value)
+    state = json.loads((out / "last.json").read_text())["extra"]["training_state"]
+    assert state["step"] == 1  # nothing was trained by the refused attempts
+
+    # more steps, another patience and run-time settings are fine
+    longer = dataclasses.replace(config, max_steps=3, patience=2, log_every_steps=2, val_every=2, amp=False)
+    summary, events = run(small_config, data_dir, out, train_config=longer)
+    assert events[0]["resumed"] and summary["step"] == 3 and summary["reason"] == "completed"
+
+
+def test_fine_tuning_a_model_with_its_encoder_beside_it_saves_loadable_models(
+    small_config, tiny_encoder_dir, data_dir, tmp_path, monkeypatch
+):
+    import shutil
+
+    from lsms_core.checkpoint import load_model, save_model
+    from lsms_core.model import LSMS
+
+    shutil.copytree(tiny_encoder_dir, tmp_path / "base" / "encoder")
+    base = save_model(LSMS(small_config), tmp_path / "base" / "base.safetensors")
+    card = json.loads((tmp_path / "base" / "base.json").read_text())
+    card["config"]["text_encoder"] = "encoder"  # shipped beside the model
+    (tmp_path / "base" / "base.json").write_text(json.dumps(card))
+    load_model(base)  # found beside it
+
+    monkeypatch.chdir(tmp_path)
+    summary, _ = run(
+        None, data_dir, "ft", train_config=fast_config(max_steps=1), init_from="base/base.safetensors"
+    )
+    assert summary["step"] == 1
+    encoder = str((tmp_path / "base" / "encoder").resolve())
+    for name in ("model.json", "last.json"):
+        assert json.loads((tmp_path / "ft" / name).read_text())["config"]["text_encoder"] == encoder
+
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    for name in ("model.safetensors", "last.safetensors"):
+        assert load_model(tmp_path / "ft" / name).config.text_encoder == encoder
+    again, events = run(None, data_dir, tmp_path / "ft", train_config=fast_config(max_steps=1),
+                        init_from=tmp_path / "base" / "base.safetensors")  # fmt: skip
+    assert events[0]["resumed"] and again["step"] == 1
+
+
+class _AugmentationDraws(torch.utils.data.Dataset):
+    """Each item is one draw of ``augmentation_rng``, like SliceDataset's augmentation."""
+
+    def __init__(self, n, seed):
+        import numpy as np
+
+        self.n = n
+        self.augmentation_rng = np.random.default_rng(seed + 1)
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        return {"index": index, "draw": float(self.augmentation_rng.random())}
+
+
+def test_dataloader_workers_draw_their_own_augmentations(small_config, data_dir, tmp_path):
+    import numpy as np
+
+    def draws(num_workers, epoch):
+        config = fast_config(batch_size=1, num_workers=num_workers)
+        trainer = Trainer(small_config, config, data_dir, tmp_path)
+        trainer.device = torch.device("cpu")
+        dataset = _AugmentationDraws(8, seed=0)
+        batches = list(trainer._epoch_batches(dataset, epoch, 0))
+        return [float(b["draw"][0]) for b in batches], dataset
+
+    epoch0, _ = draws(2, 0)
+    assert len(set(epoch0)) == 8, "the two workers repeated each other's augmentations"
+    epoch1, _ = draws(2, 1)
+    assert not set(epoch0) & set(epoch1), "an epoch repeated the previous epoch's augmentations"
+    assert draws(2, 0)[0] == epoch0  # still reproducible
+
+    # num_workers=0 (the default recipe): the main generator's draws, in order, as before
+    main, dataset = draws(0, 0)
+    assert main == np.random.default_rng(1).random(8).tolist()
+    assert dataset.augmentation_rng.bit_generator.state != np.random.default_rng(1).bit_generator.state
