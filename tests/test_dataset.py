@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -139,6 +140,42 @@ def test_writer_refuses_existing_dataset_unless_exist_ok(toy_root, tmp_path):
     assert len(ds.expressions()) == 10
     assert ds.expressions()[-1]["id"] == "case_02-0004"
     assert ds.meta["name"] == "toy"
+
+
+def test_an_interrupted_case_rewrite_leaves_the_old_case_whole(tmp_path, monkeypatch):
+    """Re-adding a case that fails after its new image is written leaves the old case as it was (no
+    new image beside the old lesions and case.json); a rewrite that succeeds keeps the case's other
+    files (e.g. correction masks) and replaces its own."""
+    import lsms_core.data.dataset as dataset_module
+
+    root = tmp_path / "d"
+    build(root, n_cases=2)
+    case_dir = root / "cases" / "case_01"
+    (case_dir / "masks").mkdir()
+    (case_dir / "masks" / "m.nii.gz").write_bytes(b"kept")
+    before = {f.name: f.read_bytes() for f in case_dir.iterdir() if f.is_file()}
+    writer = DatasetWriter(root, name="ignored", exist_ok=True)
+    image, lesions, organ = make_case(7, "LPS")
+    real_write = dataset_module.write_volume
+
+    def crash_on_lesions(path, array, like):
+        if os.path.basename(path) == dataset_module.LESIONS_FILE:
+            raise OSError("disk full")
+        return real_write(path, array, like=like)
+
+    monkeypatch.setattr(dataset_module, "write_volume", crash_on_lesions)
+    with pytest.raises(OSError, match="disk full"):
+        writer.add_case("case_01", image, lesions[:, ::-1], organ)
+    assert {f.name: f.read_bytes() for f in case_dir.iterdir() if f.is_file()} == before
+    assert sorted(p.name for p in (root / "cases").iterdir()) == ["case_00", "case_01"]  # no leftovers
+    assert ReferringDataset(root).cases == ["case_00", "case_01"]
+
+    monkeypatch.setattr(dataset_module, "write_volume", real_write)
+    writer.add_case("case_01", image, lesions[:, ::-1], organ)
+    ds = ReferringDataset(root)
+    np.testing.assert_array_equal(ds.load_case("case_01").lesions, lesions[:, ::-1])
+    assert (case_dir / "masks" / "m.nii.gz").read_bytes() == b"kept"
+    assert sorted(p.name for p in (root / "cases").iterdir()) == ["case_00", "case_01"]
 
 
 # ------------------------------------------------------------------------------------------ reader

@@ -22,6 +22,8 @@ import json
 import math
 import os
 import re
+import shutil
+import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -150,6 +152,20 @@ def _lesion_summary(lesions_canonical: np.ndarray, organ_canonical: np.ndarray |
 # --------------------------------------------------------------------------------------------------
 
 
+def _swap_case_folder(folder: Path, staged: Path) -> None:
+    """Put the complete case ``staged`` in place of ``folder``, then move ``folder``'s other entries
+    (e.g. correction masks) over. Only the two renames are not atomic together; after a crash
+    between them or later, the old folder is still whole in ``cases/.ID.*.old/``."""
+    old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".old", dir=folder.parent))
+    os.replace(folder, old / folder.name)
+    os.replace(staged, folder)
+    own = {IMAGE_FILE, LESIONS_FILE, ORGAN_FILE, CASE_INFO_FILE}
+    for entry in (old / folder.name).iterdir():
+        if entry.name not in own and not (folder / entry.name).exists():
+            os.replace(entry, folder / entry.name)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class DatasetWriter:
     """Write an LSMS dataset folder case by case; every file is written atomically.
 
@@ -213,6 +229,9 @@ class DatasetWriter:
 
         The image is written first and the lesion map after it: readers list a case only once both
         exist, so an interrupted ``add_case`` leaves no half case behind (call it again to redo it).
+        Re-adding an existing case writes the new files into a folder beside it and swaps the two
+        folders (other files of the case, e.g. correction masks, move over): an interrupted rewrite
+        leaves the old case whole, never the new image with the old lesions or the old summary.
         """
         _check_case_id(case_id)
         lesions = np.asarray(lesions)
@@ -234,16 +253,28 @@ class DatasetWriter:
             )
         folder = self.root / "cases" / case_id
         lesions = lesions.astype(np.uint16 if lesions.max(initial=0) < 2**16 else np.uint32)
-        write_volume(folder / IMAGE_FILE, image.array, like=image)
-        write_volume(folder / LESIONS_FILE, lesions, like=image)
-        if organ is not None:
-            organ = np.asarray(organ).astype(np.uint8)
-            write_volume(folder / ORGAN_FILE, organ, like=image)
-        elif (folder / ORGAN_FILE).exists():
-            (folder / ORGAN_FILE).unlink()
-        canonical = to_canonical(image.with_array(lesions)).array
-        organ_canonical = None if organ is None else to_canonical(image.with_array(organ)).array
-        atomic_write_json(folder / CASE_INFO_FILE, _lesion_summary(canonical, organ_canonical))
+        organ = None if organ is None else np.asarray(organ).astype(np.uint8)
+        rewrite = (folder / LESIONS_FILE).exists()  # a complete case: stage, then swap
+        target = (
+            Path(tempfile.mkdtemp(prefix=f".{case_id}.", suffix=".partial", dir=folder.parent))
+            if rewrite
+            else folder
+        )
+        try:
+            write_volume(target / IMAGE_FILE, image.array, like=image)
+            write_volume(target / LESIONS_FILE, lesions, like=image)
+            if organ is not None:
+                write_volume(target / ORGAN_FILE, organ, like=image)
+            elif (target / ORGAN_FILE).exists():  # an interrupted earlier attempt
+                (target / ORGAN_FILE).unlink()
+            canonical = to_canonical(image.with_array(lesions)).array
+            organ_canonical = None if organ is None else to_canonical(image.with_array(organ)).array
+            atomic_write_json(target / CASE_INFO_FILE, _lesion_summary(canonical, organ_canonical))
+            if rewrite:
+                _swap_case_folder(folder, target)
+        finally:
+            if rewrite:
+                shutil.rmtree(target, ignore_errors=True)
         self._lesion_ids[case_id] = {int(i) for i in np.unique(lesions) if i > 0}
         return folder
 
