@@ -22,6 +22,7 @@ torch and transformers are imported only when a model is listed or loaded.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import json
@@ -245,11 +246,15 @@ class SegmenterCache:
     """Loads a :class:`lsms_core.infer.Segmenter` once per (model file, device); thread safe.
 
     The key includes the file's modification time, so a model file replaced on disk is reloaded.
+    Only the ``max_models`` most recently used are kept (each holds a text encoder in memory).
     """
 
-    def __init__(self, batch_size: int = 8):
+    def __init__(self, batch_size: int = 8, max_models: int = 2):
+        if max_models < 1:
+            raise ValueError(f"max_models must be >= 1, got {max_models}")
         self.batch_size = batch_size
-        self._segmenters: dict[tuple, Any] = {}
+        self.max_models = max_models
+        self._segmenters: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, model_path: str | Path, device: str = "auto"):
@@ -260,6 +265,9 @@ class SegmenterCache:
         with self._lock:
             if key not in self._segmenters:
                 self._segmenters[key] = Segmenter(path, device=device, batch_size=self.batch_size)
+                while len(self._segmenters) > self.max_models:
+                    self._segmenters.popitem(last=False)  # the least recently used
+            self._segmenters.move_to_end(key)
             return self._segmenters[key]
 
     def __len__(self) -> int:

@@ -16,6 +16,7 @@ from napari_lsms._widget import (
     SOURCE_IMAGE_KEY,
     LabelBook,
     RecentDescriptions,
+    SegmenterCache,
     merge_mask,
 )
 
@@ -119,6 +120,17 @@ def absent_model_path(lsms_home, tiny_config):
     return save_model(
         _biased_model(tiny_config, False), lsms_home / "models" / "never.safetensors", version="t0"
     )
+
+
+def test_segmenter_cache_loads_once_and_keeps_only_the_most_recent(model_path, absent_model_path):
+    cache = SegmenterCache(max_models=1)
+    first = cache.get(model_path, "cpu")
+    assert cache.get(model_path, "cpu") is first and len(cache) == 1  # loaded once
+    other = cache.get(absent_model_path, "cpu")
+    assert other is not first and len(cache) == 1  # the older model was dropped
+    assert cache.get(model_path, "cpu") is not first  # and is loaded again when asked for
+    with pytest.raises(ValueError, match="max_models"):
+        SegmenterCache(max_models=0)
 
 
 @pytest.fixture()
