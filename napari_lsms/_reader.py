@@ -19,13 +19,14 @@ from typing import Any
 import numpy as np
 
 from lsms_core.intensity import WINDOW_PRESETS, level_width_to_range
+from lsms_core.io import DETACHED_SUFFIXES, SINGLE_FILE_SUFFIXES
 
 #: Key of the geometry dict in a layer's ``metadata``.
 GEOMETRY_KEY = "lsms_volume"
 #: Key of the referring expressions offered as suggestions (set by the sample data).
 EXPRESSIONS_KEY = "lsms_expressions"
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+VOLUME_SUFFIXES = SINGLE_FILE_SUFFIXES + DETACHED_SUFFIXES
 DICOM_SUFFIX = ".dcm"
 _IDENTITY_DIRECTION = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 # A folder is a DICOM series when one of its first files is DICOM; never scan huge folders fully.

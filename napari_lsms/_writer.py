@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from lsms_core.io import SINGLE_FILE_SUFFIXES as WRITE_SUFFIXES  # one file per layer, as napari saves
 from napari_lsms._reader import volume_for_layer_data
-
-WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
