@@ -501,9 +501,11 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit_:  # --help, --version, usage errors
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else EXIT_USER_ERROR
+    from lsms_core.infer import DeviceOutOfMemoryError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, DeviceOutOfMemoryError) as err:
         name = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
         print(f"lsms {name}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -46,6 +46,10 @@ BODY_MIN_FRACTION = 0.02
 # --------------------------------------------------------------------------------------------
 
 
+class DeviceOutOfMemoryError(RuntimeError):
+    """The device ran out of memory; the message says what to change (batch size, device)."""
+
+
 def available_devices() -> list[str]:
     """Devices this machine can run the model on, best first: ``cuda`` (and ``cuda:N`` for several
     GPUs), ``mps``, ``cpu``. The napari device picker shows these (plus ``"auto"``)."""
@@ -330,7 +334,15 @@ class Segmenter:
                 images = torch.from_numpy(_prepare(hu, idx, self.config))
                 images = images.to(self.device, memory_format=self.memory_format)
                 t1 = time.perf_counter()
-                out = self.model(images, _expand(features, len(idx)))
+                try:
+                    out = self.model(images, _expand(features, len(idx)))
+                except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA), MPS "out of memory"
+                    if "out of memory" not in str(exc).lower():
+                        raise
+                    raise DeviceOutOfMemoryError(
+                        f"the {self.device.type} device ran out of memory segmenting {len(idx)} slices at once; "
+                        "use a smaller batch size (lsms predict --batch-size) or the cpu device"
+                    ) from exc
                 prob_small = torch.sigmoid(out.logits[:, 0].float()).cpu().numpy()
                 presence[idx] = torch.sigmoid(out.presence_logits.float()).cpu().numpy()
                 t2 = time.perf_counter()

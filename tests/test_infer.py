@@ -206,3 +206,25 @@ def test_postprocess_presence_gates_slices():
     assert kept.sum() == 9 + 20 and kept[1].sum() == 29
     with pytest.raises(ValueError, match="presence"):
         postprocess(prob, np.ones(5), singular=True)
+
+
+def test_out_of_memory_says_what_to_do(model3, monkeypatch):
+    import torch
+
+    def exhausted(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(model3, "forward", exhausted)
+    from lsms_core.infer import DeviceOutOfMemoryError
+
+    with pytest.raises(
+        DeviceOutOfMemoryError, match="ran out of memory segmenting 2 slices.*smaller batch size.*cpu"
+    ):
+        Segmenter(model3, device="cpu", batch_size=2).segment(_ct(), "the lesion")
+
+    def other_failure(*args, **kwargs):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(model3, "forward", other_failure)
+    with pytest.raises(RuntimeError, match="^shape mismatch$"):
+        Segmenter(model3, device="cpu", batch_size=2).segment(_ct(), "the lesion")
