@@ -294,15 +294,28 @@ def image_problem(layer: Any) -> str | None:
 
 @dataclass
 class SegmentRequest:
-    """Everything a segmentation job needs, gathered on the GUI thread."""
+    """Everything a segmentation job needs, gathered on the GUI thread.
+
+    The CT itself is only referenced here: :meth:`load_volume` builds the
+    :class:`lsms_core.io.Volume` in the job, so a lazily loaded (e.g. dask) image is read off the
+    GUI thread.
+    """
 
     image: Image
-    volume: Any  # lsms_core.io.Volume
     description: str
     model_path: str
     model_version: str
     device: str
     slices: tuple[int, int] | None
+    layer_data: Any = None  # the image layer's array, as napari holds it
+    layer_geometry: tuple = (None, None, None)  # its (metadata, scale, translate)
+    volume: Any = None  # lsms_core.io.Volume, once loaded
+
+    def load_volume(self):
+        """The CT as a Volume (built once; reads lazy data)."""
+        if self.volume is None:
+            self.volume, _ = volume_for_layer_data(self.layer_data, *self.layer_geometry)
+        return self.volume
 
 
 @dataclass
@@ -639,14 +652,14 @@ class SegmentWidget(QWidget):
         if last.labels.data.shape != last.model_mask.shape:
             raise UserInputError(f"Labels layer {last.labels.name!r} changed shape since the segmentation")
         root = Path(self.corrections_edit.text().strip() or self._home() / "corrections")
-        volume, _ = volume_for_layer_data(
-            last.image.data, last.image.metadata, last.image.scale, last.image.translate
-        )
+        data, geometry = last.image.data, (dict(last.image.metadata), last.image.scale, last.image.translate)
         corrected = (np.asarray(last.labels.data) == last.label).astype(np.uint8)
         image_ref = (last.image.metadata.get(GEOMETRY_KEY) or {}).get("path") or last.image.name
 
         def save():
             from lsms_core.data.corrections import CorrectionsDataset
+
+            volume, _ = volume_for_layer_data(data, *geometry)  # reads a lazy image off the GUI thread
 
             dataset = CorrectionsDataset(root)
             # Saving the same description of the same image again replaces the earlier record:
@@ -697,10 +710,7 @@ class SegmentWidget(QWidget):
             raise UserInputError(
                 "no model available: train one with `lsms train` or pick one with ↻ after installing it"
             )
-        volume, exact = volume_for_layer_data(
-            np.asarray(image.data), image.metadata, image.scale, image.translate
-        )
-        if not exact:
+        if not image.metadata.get(GEOMETRY_KEY):  # volume_for_layer_data will guess the geometry
             notifications.show_warning(
                 f"LSMS: image {image.name!r} was not opened with napari-lsms; its orientation is unknown and "
                 "is assumed to be LPS (x to the patient's left, y posterior). Open the file with napari-lsms "
@@ -708,7 +718,8 @@ class SegmentWidget(QWidget):
             )
         return SegmentRequest(
             image=image,
-            volume=volume,
+            layer_data=image.data,
+            layer_geometry=(dict(image.metadata), tuple(image.scale), tuple(image.translate)),
             description=description,
             model_path=model_path,
             model_version=self.model_combo.currentData(Qt.ItemDataRole.UserRole + 1) or "",
@@ -768,7 +779,7 @@ class SegmentWidget(QWidget):
         if self._cancel.is_set():
             return None
         return segmenter.segment(
-            request.volume,
+            request.load_volume(),
             request.description,
             slices=request.slices,
             progress=self._relay.progress.emit,
