@@ -350,8 +350,8 @@ def _check_nifti_complete(path: Path) -> None:
 
     ITK's NIfTI reader silently zero-fills truncated files. The header gives the expected size
     (``vox_offset`` + voxels x bytes); plain files are checked by their size, gzip-compressed ones
-    (told by their magic bytes, not their name) by the gzip trailer (uncompressed size mod 2**32) and, when that does not match (multi-member gzip),
-    by decompressing the stream.
+    (told by their magic bytes, not their name) by the gzip trailer (uncompressed size mod 2**32)
+    and, when that does not match (multi-member gzip), by decompressing the stream.
     """
     with open(path, "rb") as fh:
         compressed = fh.read(2) == b"\x1f\x8b"  # the gzip magic, whatever the file is named
@@ -576,7 +576,8 @@ def _canonical_shape(like: Volume, perm) -> tuple[int, int, int]:
 
 
 def _permute_flip(array: np.ndarray, perm, flip) -> np.ndarray:
-    out = np.transpose(array, _numpy_axes(perm))
+    """``array`` (``(z, y, x)``, optionally followed by channel axes) on the canonical grid."""
+    out = np.transpose(array, [*_numpy_axes(perm), *range(3, array.ndim)])
     np_flip_axes = tuple(2 - p for p in range(3) if flip[p])
     if np_flip_axes:
         out = np.flip(out, axis=np_flip_axes)

@@ -210,6 +210,13 @@ def test_ct_slices_and_masks_are_read_in_the_canonical_orientation_of_the_volume
     got_mask = read_slice_mask(tmp_path / "ras_mask.nii.gz")
     assert got_mask[-1, -1] and got_mask.sum() == 1  # the voxel moved with its image
 
+    swapped = sitk.GetImageFromArray(hu)  # rows run left-right: transposed onto the canonical grid
+    swapped.SetDirection((0, -1, 0, 1, 0, 0, 0, 0, 1))
+    sitk.WriteImage(swapped, str(tmp_path / "swapped.nii.gz"))
+    expected = normalize_hu(to_canonical(read_volume(tmp_path / "swapped.nii.gz")).array[0], window)
+    assert expected.shape == (4, 3)
+    np.testing.assert_allclose(read_slice_image(tmp_path / "swapped.nii.gz", window), expected)
+
     sagittal = sitk.GetImageFromArray(hu)
     sagittal.SetDirection((0, 0, 1, 1, 0, 0, 0, 1, 0))
     sitk.WriteImage(sagittal, str(tmp_path / "sag.nii.gz"))

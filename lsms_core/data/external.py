@@ -94,7 +94,7 @@ def _canonical_slice(array: np.ndarray, img, path: Path) -> np.ndarray:
     """``array`` (``(Y, X)`` or ``(Y, X, C)``) turned to the canonical LPS orientation the CT volumes
     are trained in (:func:`lsms_core.io.to_canonical`: x toward the patient's left, y toward
     posterior), so that "left" and "right" keep their meaning whatever the file's direction."""
-    from lsms_core.io import canonical_axes
+    from lsms_core.io import _permute_flip, canonical_axes
 
     direction = np.eye(3)
     if img.GetDimension() == 2:
@@ -107,13 +107,7 @@ def _canonical_slice(array: np.ndarray, img, path: Path) -> np.ndarray:
             f"{path}: the slice is not axial (direction {tuple(round(float(v), 3) for v in direction.ravel())}); "
             "give axial CT slices"
         )
-    if perm[0] == 1:  # the file's rows run left-right: transpose to (y, x)
-        array = np.swapaxes(array, 0, 1)
-    if flip[0]:
-        array = array[:, ::-1]
-    if flip[1]:
-        array = array[::-1]
-    return np.ascontiguousarray(array)
+    return _permute_flip(array[None], perm, flip)[0]
 
 
 class _Slice2DDataset(Dataset):
