@@ -813,18 +813,13 @@ class Trainer:
         for name in (LAST_MODEL, LAST_STATE):
             tagged = self._tagged(name, step)
             found.append(tagged if tagged.is_file() else self.out_dir / name)
-        weights, state_file = found
-        if not weights.is_file():
-            raise ValueError(
-                f"{weights} is missing, so the checkpoint in {self.out_dir} cannot be resumed; remove "
-                "last.* to start over in this folder or use a new --out folder"
-            )
-        if not state_file.is_file():
-            raise ValueError(
-                f"{self.out_dir / LAST_STATE} is missing, so the checkpoint in {self.out_dir} cannot be "
-                "resumed; remove last.* to start over in this folder or use a new --out folder"
-            )
-        self._resume_files = (weights, state_file)
+        for path in found:
+            if not path.is_file():
+                raise ValueError(
+                    f"{path} is missing, so the checkpoint in {self.out_dir} cannot be resumed; remove "
+                    "last.* to start over in this folder or use a new --out folder"
+                )
+        self._resume_files = tuple(found)
         state["config"] = card["config"]
         return state
 
