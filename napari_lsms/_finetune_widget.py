@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qtpy.QtCore import QEvent, QPointF, Qt, QTimer
+from qtpy.QtCore import QPointF, Qt, QTimer
 from qtpy.QtGui import QColor, QPainter, QPen, QPolygonF
 from qtpy.QtWidgets import (
     QApplication,
@@ -44,6 +44,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_lsms._docking import left_its_dock
 from napari_lsms._training_process import TEXT_TRAINABLE, TrainingProcess, publish_model
 
 if TYPE_CHECKING:
@@ -167,7 +168,6 @@ class FineTuneWidget(QWidget):
         super().__init__()
         self.viewer = napari_viewer
         self._handle = _RunHandle()
-        self._docked = False  # set once the widget has had a parent (a dock)
         self.last_model: Path | None = None  # the model published by the last successful run
         self.publish_worker = None  # napari thread worker evaluating and saving the new model
         self._run: dict = {}
@@ -536,12 +536,8 @@ class FineTuneWidget(QWidget):
     def event(self, event) -> bool:
         """Cancel a running fine-tune when the widget leaves its dock: napari's
         ``remove_dock_widget`` (the dock's close button) only calls ``setParent(None)``."""
-        if event.type() == QEvent.Type.ParentChange:
-            if self.parent() is not None:
-                self._docked = True
-            elif self._docked:
-                self._docked = False
-                self.cancel()
+        if left_its_dock(self, event):
+            self.cancel()
         return super().event(event)
 
     def closeEvent(self, event) -> None:  # noqa: N802 (Qt API)

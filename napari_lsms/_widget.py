@@ -39,7 +39,7 @@ import numpy as np
 from napari.layers import Image, Labels
 from napari.qt.threading import create_worker
 from napari.utils import notifications
-from qtpy.QtCore import QEvent, QObject, QStringListModel, Qt, Signal
+from qtpy.QtCore import QObject, QStringListModel, Qt, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QCompleter,
@@ -59,6 +59,7 @@ from qtpy.QtWidgets import (
 )
 
 from lsms_core.intensity import WINDOW_PRESETS, level_width_to_range
+from napari_lsms._docking import left_its_dock
 from napari_lsms._reader import EXPRESSIONS_KEY, GEOMETRY_KEY, volume_for_layer_data
 
 if TYPE_CHECKING:
@@ -538,11 +539,8 @@ class SegmentWidget(QWidget):
 
     def event(self, event) -> bool:
         # napari removes a dock widget by un-parenting it (remove_dock_widget): tear down then.
-        if event.type() == QEvent.Type.ParentChange:
-            if self.parent() is not None:
-                self._was_docked = True
-            elif getattr(self, "_was_docked", False):
-                self.teardown()
+        if left_its_dock(self, event):
+            self.teardown()
         return super().event(event)
 
     def set_description(self, text: str) -> None:
