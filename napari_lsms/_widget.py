@@ -200,6 +200,21 @@ def same_geometry(image: Any, labels: Any, atol: float = 1e-4) -> bool:
     return True
 
 
+def slider_to_data_slice(layer: Any, number: int) -> int:
+    """The data slice (first axis) that napari's slider shows as ``number`` for ``layer``.
+
+    napari numbers slices in display order, from the lowest world position up. A layer displayed
+    flipped along its slice axis (a scan stored head to foot, drawn with a flipping ``rotate``)
+    therefore counts its data slices backwards; the widget's slice boxes use the slider's numbers.
+    """
+    depth = layer.data.shape[0]
+    origin = np.zeros(layer.ndim)
+    step = origin.copy()
+    step[0] = 1.0
+    backwards = layer.data_to_world(step)[0] < layer.data_to_world(origin)[0]
+    return depth - 1 - number if backwards else number
+
+
 def voxel_volume_ml(spacing: Iterable[float]) -> float:
     """Volume of one voxel in millilitres for a spacing in millimetres."""
     return float(np.prod([float(s) for s in spacing])) / 1000.0
@@ -451,6 +466,7 @@ class SegmentWidget(QWidget):
         self.last_slice = QSpinBox()
         for spin in (self.first_slice, self.last_slice):
             spin.setEnabled(False)
+            spin.setToolTip("Numbered like napari's slice slider (inclusive)")
 
         self.window_combo = QComboBox()
         self.window_combo.addItems(list(WINDOW_PRESETS))
@@ -738,7 +754,8 @@ class SegmentWidget(QWidget):
                 raise UserInputError(
                     f"slice range {first} to {last} is empty: the first slice must not exceed the last"
                 )
-            return (first, min(last, depth - 1) + 1)
+            ends = [min(max(slider_to_data_slice(image, n), 0), depth - 1) for n in (first, last)]
+            return (min(ends), max(ends) + 1)
         return None
 
     def _linked_labels(self, image: Image) -> list[Labels]:

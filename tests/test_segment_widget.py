@@ -646,6 +646,35 @@ def test_slice_range_resets_only_when_the_image_changes(make_napari_viewer, lsms
     assert widget.selected_image() is image and widget.last_slice.value() == 7
 
 
+def test_slice_boxes_count_like_the_slider_on_a_scan_stored_head_to_foot(
+    make_napari_viewer, qtbot, tmp_path, lsms_home, model_path, ct_path, notes
+):
+    from lsms_core.io import read_volume, write_volume
+
+    volume = read_volume(ct_path)  # RAS, foot to head; store it head to foot (z direction -1)
+    flipped = tmp_path / "head_to_foot.nii.gz"
+    direction = np.asarray(volume.direction).reshape(3, 3) @ np.diag([1.0, 1.0, -1.0])
+    origin = np.asarray(volume.origin) + np.asarray(volume.direction).reshape(3, 3)[:, 2] * 3.0 * 7
+    write_volume(
+        flipped,
+        volume.array[::-1],
+        like=type(volume)(volume.array, volume.spacing, tuple(origin), tuple(direction.ravel())),
+    )
+    viewer, image = _viewer_with_ct(make_napari_viewer, flipped)
+    widget = _widget(viewer, model_path)
+
+    viewer.dims.set_point(0, image.data_to_world((6, 0, 0))[0])
+    shown = viewer.dims.current_step[0]
+    assert shown == 1  # the slider counts from the feet: data slice 6 of 8 is its number 1
+    _run(qtbot, widget, FIRST, "slice range", shown, shown)
+    assert widget.last_result.slices == (6, 7)
+    _run(qtbot, widget, FIRST, "slice range", 0, 2)  # the three lowest slices on screen
+    assert widget.last_result.slices == (5, 8)
+    _run(qtbot, widget, FIRST, "current slice")  # agrees with the slider's own answer
+    assert widget.last_result.slices == (6, 7)
+    assert not [n for n in notes if n[0] == "error"], notes
+
+
 def test_an_image_from_another_reader_keeps_its_geometry_marked_as_guessed(
     make_napari_viewer, qtbot, tmp_path, lsms_home, model_path, ct_path, notes
 ):
