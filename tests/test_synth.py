@@ -234,7 +234,7 @@ def test_synthesize_rejects_bad_arguments(tmp_path):
         synthesize(tmp_path / "b", cases=2, phantom_fraction=1.5)
 
 
-def test_fetch_reports_pip_failure(tmp_path, monkeypatch):
+def test_fetch_reports_pip_failure(tmp_path, monkeypatch, capsys):
     import subprocess
 
     monkeypatch.delenv("LSMS_TOTALSEG_DIR", raising=False)
@@ -244,8 +244,17 @@ def test_fetch_reports_pip_failure(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: No matching distribution found")
 
     monkeypatch.setattr(synth.subprocess, "run", failing_run)
-    with pytest.raises(RuntimeError, match="(?s)No matching distribution.*LSMS_TOTALSEG_DIR"):
+    with pytest.raises(ConnectionError, match="(?s)No matching distribution.*LSMS_TOTALSEG_DIR"):
         synth.fetch_totalsegmentator(tmp_path)
+
+    # the CLI turns it into one line and exit code 2 that names the offline way out, not a traceback
+    from lsms_core.cli import main
+
+    out = tmp_path / "synth"
+    assert main(["data", "synth", str(out), "--cases", "2", "--cache-dir", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lsms data synth: error: could not download") and "--phantom-fraction 1.0" in err
+    assert "Traceback" not in err and not out.exists()
 
 
 def test_fetch_rejects_a_wrong_override(tmp_path, monkeypatch):

@@ -180,11 +180,12 @@ def fetch_totalsegmentator(cache_dir: str | os.PathLike | None = None) -> Path:
         archives = sorted(Path(tmp).glob("totalsegmentator-*.tar.gz"))
         if done.returncode != 0 or not archives:
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
-            raise RuntimeError(
+            raise ConnectionError(
                 f"could not download the TotalSegmentator {TOTALSEG_VERSION} source package with pip "
                 f"(exit code {done.returncode}):\n{tail}\nCheck the network access to the Python package "
                 f"index, or download it elsewhere and set LSMS_TOTALSEG_DIR to the unpacked folder; "
-                "phantoms only (synthesize(..., phantom_fraction=1.0)) need no download"
+                "phantoms only (lsms data synth --phantom-fraction 1.0, or "
+                "synthesize(..., phantom_fraction=1.0)) need no download"
             )
         unpacked = Path(tmp) / "unpacked"
         with tarfile.open(archives[0]) as tar:
