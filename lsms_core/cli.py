@@ -129,12 +129,12 @@ def build_train_configs(args: argparse.Namespace):
             f'--config {args.config}: unknown keys {sorted(unknown)}; expected {{"model": {{...}}, "train": {{...}}}}'
         )
 
-    if args.init_from and not args.preset:
+    saved = None
+    if args.init_from:
         from lsms_core.checkpoint import read_model_card
 
-        model = dict(read_model_card(args.init_from)["config"])
-    else:
-        model = _preset(args.preset or "default")
+        saved = dict(read_model_card(args.init_from)["config"])
+    model = dict(saved) if saved is not None and not args.preset else _preset(args.preset or "default")
     model.update(spec.get("model", {}))
     model.update(
         {
@@ -143,6 +143,8 @@ def build_train_configs(args: argparse.Namespace):
             if getattr(args, flag) is not None
         }
     )
+    if saved is not None:
+        _check_fine_tune_config(LSMSConfig.from_dict(model), LSMSConfig.from_dict(saved), args.init_from)
 
     train = dict(spec.get("train", {}))
     train.update(
@@ -153,6 +155,33 @@ def build_train_configs(args: argparse.Namespace):
         }
     )
     return LSMSConfig.from_dict(model), TrainConfig.from_dict(train)
+
+
+def _check_fine_tune_config(requested, saved, init_from: str) -> None:
+    """Refuse options that would change a fine-tuned model's architecture or inputs.
+
+    With ``--init-from`` the saved model's config is kept except the training fields
+    (``train.TRAINING_FIELDS``: image size, loss weights, which text layers train) and modules that
+    may be switched on (``train.GROWABLE_MODULES``). Anything else the options ask for would be
+    dropped in silence; it is an error instead.
+    """
+    from lsms_core.train import GROWABLE_MODULES, TRAINING_FIELDS, switched_on
+
+    allowed = set(TRAINING_FIELDS)
+    for switch in switched_on(requested, saved):
+        allowed.update((switch, *GROWABLE_MODULES[switch]))
+    wanted, kept = requested.to_dict(), saved.to_dict()
+    conflicts = [
+        f"{k}={wanted[k]!r} (the model has {kept.get(k)!r})"
+        for k in wanted
+        if k not in allowed and json.dumps(wanted[k]) != json.dumps(kept.get(k))
+    ]
+    if conflicts:
+        raise ValueError(
+            f"--init-from {init_from}: fine-tuning keeps the model's architecture and inputs, so "
+            f"{'; '.join(conflicts)} cannot be applied. Drop those options (and --preset, whose "
+            "sizes are for new models), or train a new model without --init-from"
+        )
 
 
 def _train_reporter(json_progress: bool) -> tuple[Callable[[dict], None], Callable[[], None]]:
@@ -412,17 +441,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--preset",
         choices=("default", "tiny"),
-        help="model size (default: default, or the --init-from model's)",
+        help="model size for a new model (default: default); with --init-from the model's own",
     )
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--max-steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto, cuda, mps or cpu")
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--in-slices", type=int, help="adjacent slices per input (1, 3, 5)")
-    p.add_argument("--text-encoder", help="local Hugging Face BERT-family folder (default: MiniLM)")
+    recipe = "(default: TrainConfig's, see docs/training.md; overrides --config)"
+    p.add_argument("--epochs", type=int, help=f"passes over the training pairs {recipe}")
+    p.add_argument("--max-steps", type=int, help=f"stop after this many optimiser steps {recipe}")
+    p.add_argument("--batch-size", type=int, help=f"pairs per step {recipe}")
+    p.add_argument("--lr", type=float, help=f"peak learning rate of the visual model {recipe}")
+    p.add_argument("--seed", type=int, help=f"seed of weights, sampling and augmentation {recipe}")
+    p.add_argument("--device", help="auto, cuda, mps or cpu (default: auto)")
+    p.add_argument("--image-size", type=int, help="model input size in pixels (default: the preset's)")
+    p.add_argument(
+        "--in-slices", type=int, help="adjacent slices per input, odd: 1, 3, 5... (new models only)"
+    )
+    p.add_argument(
+        "--text-encoder", help="local Hugging Face BERT-family folder (default: MiniLM; new models only)"
+    )
     p.add_argument("--text-trainable", choices=("frozen", "last_k", "full"))
     p.add_argument("--json-progress", action="store_true", help="one JSON event per line on stdout")
     p.set_defaults(func=cmd_train)
@@ -505,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, DeviceOutOfMemoryError) as err:
+    except (ValueError, FileNotFoundError, ConnectionError, DeviceOutOfMemoryError) as err:
         name = " ".join(filter(None, [args.command, getattr(args, "data_command", None)]))
         print(f"lsms {name}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR

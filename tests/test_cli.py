@@ -215,6 +215,24 @@ def test_train_config_precedence(tiny_encoder_dir, tmp_path, model_file):
     assert model.text_trainable == "last_k"
     assert model.to_dict() | {"text_trainable": saved["text_trainable"]} == saved
 
+    # ... training fields and switching a module on are allowed; the architecture and inputs are not
+    def fine_tune(*options):
+        argv = ["train", "--data", "d", "--out", "o", "--init-from", str(model_file), *options]
+        return build_train_configs(build_parser().parse_args(argv))[0]
+
+    spec.write_text(json.dumps({"model": {"refine_head": True, "contrastive_weight": 0.2}}))
+    grown = fine_tune("--config", str(spec), "--image-size", "64")
+    assert (grown.refine_head, grown.contrastive_weight, grown.image_size) == (True, 0.2, 64)
+    assert grown.embed_dims == tuple(saved["embed_dims"])
+    more = saved["in_slices"] + 2
+    with pytest.raises(ValueError, match=rf"in_slices={more} \(the model has {more - 2}\) cannot be applied"):
+        fine_tune("--in-slices", str(more))
+    with pytest.raises(ValueError, match=r"--init-from .*embed_dims=.*Drop those options \(and --preset"):
+        fine_tune("--preset", "default")  # a new model's sizes, not the saved one's
+    spec.write_text(json.dumps({"model": {"use_scale_branch": not saved["use_scale_branch"]}}))
+    with pytest.raises(ValueError, match="use_scale_branch"):
+        fine_tune("--config", str(spec))
+
     spec.write_text(json.dumps({"optimizer": {}}))
     with pytest.raises(ValueError, match="unknown keys"):
         build_train_configs(
