@@ -185,7 +185,8 @@ def paired_delta(base: list[dict], other: list[dict], boots: int = 2000, seed: i
 def title(run_args: dict) -> str:
     """The table's first line, from the saved arguments (older files hold the recipe flags directly)."""
     r = run_args.get("recipe") or run_args
-    stopping = "" if r.get("patience", 10**6) >= 10**6 else f", early stopping after {r['patience']} steps"
+    patience = r.get("patience", 10**6)
+    stopping = "" if patience is None or patience >= 10**6 else f", patience {patience} validations"
     return (
         f"Ablations on {run_args['data']} (test split, 2D slices), up to {r['max_steps']} steps x batch "
         f"{r['batch_size']}, lr {r.get('lr')}{stopping}, image {run_args['image_size']}, "

@@ -58,9 +58,7 @@ def test_ablation_title_names_the_budget_and_reads_old_results():
         "in_slices": 3,
         "recipe": {"max_steps": 10000, "batch_size": 8, "lr": 0.001, "seed": 0, "patience": 1000},
     }
-    assert "up to 10000 steps" in ablations.title(
-        new
-    ) and "early stopping after 1000 steps" in ablations.title(new)
+    assert "up to 10000 steps" in ablations.title(new) and "patience 1000 validations" in ablations.title(new)
     old = {
         "data": "d",
         "image_size": 192,
@@ -70,7 +68,7 @@ def test_ablation_title_names_the_budget_and_reads_old_results():
         "lr": 0.001,
         "seed": 0,
     }
-    assert "up to 1200 steps" in ablations.title(old) and "early stopping" not in ablations.title(old)
+    assert "up to 1200 steps" in ablations.title(old) and "patience" not in ablations.title(old)
 
 
 def test_paired_delta_is_the_mean_iou_difference_with_a_case_bootstrap():
