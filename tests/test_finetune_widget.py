@@ -165,6 +165,13 @@ def test_widget_fine_tunes_and_new_version_is_selectable(
         assert card["metrics"][when]["split"] == "val" and card["metrics"][when]["items"] > 0
         assert 0.0 <= card["metrics"][when]["dice"] <= 1.0
     assert card["metrics"]["before"]["model"] == str(base_model)
+    assert card["metrics"]["after"]["model"] != str(base_model)  # the trained weights, not the base twice
+    from lsms_core.evaluate import evaluate_path
+
+    for when, path in (("before", base_model), ("after", new)):  # the published copy scores the same
+        expected = evaluate_path(path, lsms_home / "corrections", "val", device="cpu")["overall"]
+        numbers = {k: v for k, v in expected.items() if isinstance(v, float)}
+        assert numbers and {k: card["metrics"][when][k] for k in numbers} == pytest.approx(numbers)
     assert {new.resolve(), base_model.resolve()} <= {Path(e.path).resolve() for e in list_models()}
     assert widget.progress.value() == widget.progress.maximum() == 1
     assert [step for step, _ in widget.plot.loss] == [1, 2] and widget.plot.dice

@@ -162,7 +162,29 @@ def test_writer_rejects_bad_input(tmp_path, ct_file):
         write_labels(str(tmp_path / "a.png"), np.zeros(array.shape, np.uint8), meta)
     with pytest.raises(ValueError, match="only 3D"):
         write_labels(str(tmp_path / "a.nii.gz"), np.zeros((4, 4), np.uint8), {"name": "flat"})
+    with pytest.raises(ValueError, match="non-integer data"):
+        write_labels(str(tmp_path / "a.nii.gz"), np.full(array.shape, 0.5, np.float32), meta)
+    negative = np.zeros(array.shape, np.int16)
+    negative[0, 0, 0] = -1
+    with pytest.raises(ValueError, match="negative label values"):
+        write_labels(str(tmp_path / "a.nii.gz"), negative, meta)
     assert not list(tmp_path.glob("a.*"))  # nothing half-written
+
+
+@pytest.mark.parametrize("high", [255, 256, 70000])
+def test_writer_keeps_every_label_value(tmp_path, ct_file, high):
+    """Label ids beyond a byte (many descriptions) are written in a wider type, never wrapped."""
+    from lsms_core.io import read_volume
+
+    path, array = ct_file
+    [(_, image_kwargs, _)] = read_ct(str(path))
+    labels = np.zeros(array.shape, dtype=np.int64)
+    labels[0, 0, 0], labels[1, 1, 1], labels[2, 2, 2] = 1, high - 1, high
+    out = tmp_path / "many.nii.gz"
+    write_labels(str(out), labels, {"name": "lesions", "metadata": image_kwargs["metadata"]})
+    written = read_volume(out).array
+    np.testing.assert_array_equal(written, labels)
+    assert written.dtype.itemsize == (1 if high <= 255 else 2 if high <= 65535 else 4)
 
 
 def test_sample_ct_layers():

@@ -85,40 +85,21 @@ def lsms_home(tmp_path, monkeypatch):
     return home
 
 
-def _biased_model(config, present: bool):
-    """A tiny LSMS whose mask and presence heads are biased to always (or never) answer "here".
-
-    Random tiny weights answer unpredictably; a strong bias makes the model's answer known (the
-    whole body in the segmented slices, or nothing) while everything else stays the real model.
-    """
-    import torch
-
-    from lsms_core.model import LSMS
-
-    model = LSMS(config)
-    bias = 12.0 if present else -12.0
-    with torch.no_grad():
-        for head in (model.decoder.heads[0], model.presence_head.mlp[-1]):
-            head.weight.zero_()
-            head.bias.fill_(bias)
-    return model.eval()
-
-
 @pytest.fixture()
-def model_path(lsms_home, tiny_config):
+def model_path(lsms_home, tiny_config, biased_model):
     from lsms_core.checkpoint import save_model
 
     return save_model(
-        _biased_model(tiny_config, True), lsms_home / "models" / "tiny.safetensors", version="t1"
+        biased_model(tiny_config, True), lsms_home / "models" / "tiny.safetensors", version="t1"
     )
 
 
 @pytest.fixture()
-def absent_model_path(lsms_home, tiny_config):
+def absent_model_path(lsms_home, tiny_config, biased_model):
     from lsms_core.checkpoint import save_model
 
     return save_model(
-        _biased_model(tiny_config, False), lsms_home / "models" / "never.safetensors", version="t0"
+        biased_model(tiny_config, False), lsms_home / "models" / "never.safetensors", version="t0"
     )
 
 
@@ -270,6 +251,8 @@ def test_cancel_leaves_the_labels_unchanged(make_napari_viewer, qtbot, lsms_home
     viewer, _ = _viewer_with_ct(make_napari_viewer, ct_path)
     widget = _widget(viewer, model_path)
     _run(qtbot, widget, FIRST, "slice range", 0, 1)
+    bar = widget.progress_bar
+    assert bar.value() == bar.maximum() == 2  # both slices of the range hold body: 2 of 2 done
     labels = viewer.layers[LABELS_NAME]
     before_data, before_features = labels.data.copy(), labels.features.copy()
 
@@ -285,6 +268,7 @@ def test_cancel_leaves_the_labels_unchanged(make_napari_viewer, qtbot, lsms_home
     assert labels.features.equals(before_features)
     assert any(level == "info" and "cancelled" in msg for level, msg in notes)
     assert widget.segment_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert bar.maximum() > 0 and bar.value() < bar.maximum()  # neither busy forever nor "done"
 
 
 def test_not_found_says_so_and_gives_the_description_a_label_to_paint(
@@ -357,13 +341,15 @@ def test_window_presets_change_only_the_display(make_napari_viewer, lsms_home, m
     np.testing.assert_array_equal(image.data, data)
 
 
-def test_models_and_suggestions_refresh(make_napari_viewer, lsms_home, model_path, tiny_config, ct_path):
+def test_models_and_suggestions_refresh(
+    make_napari_viewer, lsms_home, model_path, tiny_config, ct_path, biased_model
+):
     from lsms_core.checkpoint import save_model
 
     viewer, image = _viewer_with_ct(make_napari_viewer, ct_path)
     widget = _widget(viewer, model_path)
     newer = save_model(
-        _biased_model(tiny_config, True), lsms_home / "models" / "ft" / "model.safetensors", version="t2"
+        biased_model(tiny_config, True), lsms_home / "models" / "ft" / "model.safetensors", version="t2"
     )
     assert widget.model_combo.findData(str(newer.resolve())) < 0
     widget.refresh_models()
