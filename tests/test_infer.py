@@ -228,3 +228,125 @@ def test_out_of_memory_says_what_to_do(model3, monkeypatch):
     monkeypatch.setattr(model3, "forward", other_failure)
     with pytest.raises(RuntimeError, match="^shape mismatch$"):
         Segmenter(model3, device="cpu", batch_size=2).segment(_ct(), "the lesion")
+
+
+# --------------------------------------------------------------------------------------------
+# Segmenter post-processing, with a model whose answer is known
+# --------------------------------------------------------------------------------------------
+
+# Index y runs inferior and the slices (index z) run posterior: a coronal file.
+CORONAL = (1.0, 0.0, 0.0, 0.0, 0.0, 1.0, 0.0, -1.0, 0.0)
+
+
+def _ct_with_two_lesions():
+    """64 x 64 slices (the tiny model's image size: no resizing either way), soft tissue (40 HU) in
+    slices 1..4, two bright (200 HU) lesions far apart. A: 2 x 4 x 4 = 32 voxels, first in raster
+    order; B: 3 x 8 x 8 = 192 voxels. Returns ``(hu, a, b)`` with the lesions' bool masks."""
+    hu = np.full((6, 64, 64), -1000.0, dtype=np.float32)
+    hu[1:5, 4:60, 4:60] = 40.0
+    a = np.zeros(hu.shape, dtype=bool)
+    a[1:3, 10:14, 10:14] = True
+    b = np.zeros(hu.shape, dtype=bool)
+    b[2:5, 36:44, 36:44] = True
+    hu[a | b] = 200.0
+    return hu, a, b
+
+
+def _coronal(array: np.ndarray) -> np.ndarray:
+    """The (z, y, x) array of the CORONAL file holding the same voxels as an axial (canonical) array:
+    coronal[j, i, x] = axial[Z - 1 - i, j, x] (coronal slice j is axial row j, superior on top)."""
+    return np.ascontiguousarray(array.transpose(1, 0, 2)[:, ::-1, :])
+
+
+@pytest.fixture()
+def bright_is_lesion(model3, monkeypatch):
+    """model3 answering like a perfect model: foreground wherever the centre slice of its input is
+    above 150 HU, and "present" in every slice. Everything around the forward pass is real."""
+    from types import SimpleNamespace
+
+    import torch
+
+    low, high = model3.config.hu_window
+    cut = (150.0 - low) / (high - low)
+
+    def forward(images, text):
+        centre = images[:, images.shape[1] // 2]
+        logits = torch.where(centre > cut, 12.0, -12.0)[:, None]
+        return SimpleNamespace(logits=logits, presence_logits=torch.full((len(images),), 12.0))
+
+    monkeypatch.setattr(model3, "forward", forward)
+    return model3
+
+
+@pytest.mark.parametrize(
+    ("text", "kept"),
+    [
+        ("the largest lesion", "b"),
+        ("the largest of the two lesions", "b"),
+        ("all lesions", "ab"),
+        ("both lesions", "ab"),
+    ],
+)
+def test_the_expression_decides_one_component_or_all(bright_is_lesion, text, kept):
+    from scipy import ndimage
+
+    hu, a, b = _ct_with_two_lesions()
+    result = Segmenter(bright_is_lesion, device="cpu", batch_size=4).segment(hu, text)
+    # Singular: only B, the component with the highest summed probability (the larger one, labelled
+    # second); plural: both (32 and 192 voxels, above the default 20 mm3 at 1 mm3 per voxel).
+    expected = b if kept == "b" else a | b
+    np.testing.assert_array_equal(result.mask, expected.astype(np.uint8))
+    assert ndimage.label(result.mask, structure=np.ones((3, 3, 3)))[1] == len(kept)
+    assert result.found
+
+
+@pytest.mark.parametrize(
+    ("spacing", "min_mm3", "text", "kept"),
+    [
+        ((1.0, 1.0, 1.0), 40.0, "all lesions", "b"),  # A: 32 x 1 mm3 = 32 < 40
+        ((1.0, 1.0, 1.0), 0.0, "all lesions", "ab"),
+        ((1.0, 1.0, 2.0), 40.0, "all lesions", "ab"),  # A: 32 x 2 mm3 = 64
+        ((0.5, 1.0, 2.5), 40.0, "all lesions", "ab"),  # A: 32 x 1.25 mm3 = 40, exactly the minimum
+        ((0.5, 1.0, 2.5), 40.5, "all lesions", "b"),
+        ((1.0, 1.0, 2.0), 400.0, "all lesions", ""),  # B: 192 x 2 mm3 = 384 < 400 too
+        ((1.0, 1.0, 2.0), 400.0, "the largest lesion", "b"),  # the minimum is for plural expressions
+    ],
+)
+def test_min_lesion_volume_is_in_mm3(bright_is_lesion, spacing, min_mm3, text, kept):
+    hu, a, b = _ct_with_two_lesions()
+    seg = Segmenter(bright_is_lesion, device="cpu", batch_size=4, min_lesion_mm3=min_mm3)
+    result = seg.segment(Volume(hu, spacing=spacing), text)
+    expected = np.zeros(hu.shape, dtype=bool)
+    if "a" in kept:
+        expected |= a
+    if "b" in kept:
+        expected |= b
+    np.testing.assert_array_equal(result.mask, expected.astype(np.uint8))
+    assert result.found == bool(kept)
+
+
+def test_coronal_volume_segments_like_its_axial_copy(bright_is_lesion):
+    from lsms_core.io import to_canonical
+
+    hu, a, b = _ct_with_two_lesions()
+    coronal = Volume(_coronal(hu), spacing=(0.8, 2.5, 0.9), direction=CORONAL)
+    np.testing.assert_array_equal(to_canonical(coronal).array, hu)  # the same voxels as the axial copy
+    seg = Segmenter(bright_is_lesion, device="cpu", batch_size=4)
+    axial = seg.segment(Volume(hu, spacing=(0.8, 0.9, 2.5)), "all lesions")
+    np.testing.assert_array_equal(axial.mask, (a | b).astype(np.uint8))
+
+    result = seg.segment(coronal, "all lesions")
+    assert result.mask.shape == (64, 6, 64) and result.mask.dtype == np.uint8
+    np.testing.assert_array_equal(result.mask, _coronal(a | b).astype(np.uint8))
+    # One score per coronal slice; each crosses every body slice, so it gets their presence, sigmoid(12).
+    assert result.slice_scores.shape == (64,)
+    np.testing.assert_allclose(result.slice_scores, 1 / (1 + np.exp(-12.0)), rtol=1e-6)
+
+    singular = seg.segment(coronal, "the largest lesion")
+    np.testing.assert_array_equal(singular.mask, _coronal(b).astype(np.uint8))
+
+    # A slice range is in the coronal file's slices (axial rows): rows 36..39 hold part of B only.
+    cropped = seg.segment(coronal, "all lesions", slices=(36, 40))
+    expected = _coronal(b)
+    expected[40:] = False
+    np.testing.assert_array_equal(cropped.mask, expected.astype(np.uint8))
