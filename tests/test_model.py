@@ -185,12 +185,18 @@ def test_count_parameters_separates_the_text_encoder(tiny_model):
         {"in_slices": 3},
         {"coord_channels": False},
         {"refine_head": True},
+        {"refine_head": True, "coord_channels": False},
     ],
 )
 def test_ablation_switches_build_and_run(tiny_encoder_dir, tiny_model, switches):
-    model = LSMS(
-        make_tiny_config(tiny_encoder_dir, **switches), tiny_model.text_encoder, tiny_model.tokenizer
-    )
+    config = make_tiny_config(tiny_encoder_dir, **switches)
+    model = LSMS(config, tiny_model.text_encoder, tiny_model.tokenizer)
+    # the input the stem (and the refinement head's full-resolution step) sees: the slices plus
+    # the x/y coordinate channels unless they are switched off
+    in_ch = config.in_slices + (2 if switches.get("coord_channels", True) else 0)
+    assert model.encoder.stem[0][0].in_channels == in_ch
+    if model.refine_head is not None:
+        assert model.refine_head.fuse1[0].in_channels == config.refine_dim + 1 + in_ch
     names = {n for n, _ in model.named_parameters()}
     assert any("scale_attn" in n for n in names) == switches.get("use_scale_branch", True)
     assert any("language_attn" in n for n in names) == switches.get("use_language_branch", True)

@@ -294,6 +294,69 @@ def test_early_stopping_when_validation_does_not_improve(small_config, data_dir,
     assert summary["best_step"] == events[0]["steps_per_epoch"]
 
 
+def test_best_model_is_the_best_validation_not_the_last_and_nan_never_wins(
+    small_config, data_dir, tmp_path, monkeypatch, one_torch_thread
+):
+    """Scripted validation scores (the real metric is replaced) while the weights really train:
+    OUT/model.safetensors and model.json must be those of the best validation, a NaN score keeps a
+    first model but never beats a finite one, and counts as no improvement for early stopping."""
+    import lsms_core.evaluate as evaluate_module
+
+    nan = float("nan")
+    # None (no score) reads as NaN; the 1.0 is never reached: patience runs out first
+    scores = iter([nan, 0.5, 0.9, 0.7, None, 1.0])
+    scored: list[dict] = []  # the weights each validation saw, in order
+
+    def scripted_evaluate(model, dataset, split="test", **kwargs):
+        scored.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return {"split": split, "overall": {"mIoU": next(scores)}, "per_kind": {}}
+
+    monkeypatch.setattr(evaluate_module, "evaluate_model", scripted_evaluate)
+    out = tmp_path / "run"
+    cards: list[dict] = []  # model.json as it stood right after each validation
+    events: list[dict] = []
+
+    def callback(event):
+        events.append(event)
+        if event["event"] == "validation":
+            cards.append(json.loads((out / "model.json").read_text()))
+
+    # 22 train items in one batch: one step per epoch, so one validation per step
+    config = fast_config(epochs=6, batch_size=32, lr=1e-2, patience=2, checkpoint_every_steps=None)
+    summary, _ = run(small_config, data_dir, out, train_config=config, callback=callback)
+
+    validations = [e for e in events if e["event"] == "validation"]
+    assert events[0]["steps_per_epoch"] == 1 and len(scored) == len(validations) == 5
+    assert [v["step"] for v in validations] == [1, 2, 3, 4, 5]
+    assert [v["improved"] for v in validations] == [True, True, True, False, False]
+    assert [v["best_step"] for v in validations] == [1, 2, 3, 3, 3]
+    assert [v["best"] for v in validations] == [None, 0.5, 0.9, 0.9, 0.9]  # NaN is never the best
+    assert [v["value"] for v in validations] == [None, 0.5, 0.9, 0.7, None]
+    # the card is rewritten exactly when the validation improved, and records that step
+    assert [c["metrics"]["step"] for c in cards] == [1, 2, 3, 3, 3]
+    assert [c["extra"]["step"] for c in cards] == [1, 2, 3, 3, 3]
+    assert [c["metrics"]["mIoU"] for c in cards] == [None, 0.5, 0.9, 0.9, 0.9]
+
+    # two validations without improvement (0.7, then NaN) -> early stop before the last epoch
+    assert summary["reason"] == "early_stopping" and summary["step"] == 5 < events[0]["total_steps"]
+    assert summary["best_step"] == 3 and summary["best_metric"] == 0.9
+    card = json.loads((out / "model.json").read_text())
+    assert card["metrics"]["step"] == card["extra"]["step"] == summary["best_step"]
+    assert card["metrics"]["mIoU"] == summary["best_metric"] == 0.9
+    assert card["metrics"]["split"] == validations[0]["metrics"]["split"] == "val"
+
+    best = load_tensors(out / "model.safetensors")
+    last = load_tensors(out / "last.safetensors")
+    at_best, at_last = scored[2], scored[4]  # the weights validated at steps 3 and 5
+    assert best and best.keys() == last.keys() and set(best) <= set(at_best)
+    for key in best:
+        torch.testing.assert_close(best[key], at_best[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(last[key], at_last[key], rtol=0, atol=0, msg=key)
+    # the learning rate is large enough that training moved the weights after the best step
+    changed = [k for k in best if best[k].is_floating_point() and not torch.equal(best[k], last[k])]
+    assert len(changed) > len(best) // 2, changed
+
+
 def test_fine_tune_from_saved_model(small_config, data_dir, tmp_path):
     from lsms_core.checkpoint import save_model
     from lsms_core.model import LSMS
