@@ -196,9 +196,12 @@ def _train_reporter(json_progress: bool) -> tuple[Callable[[dict], None], Callab
 
     from tqdm import tqdm
 
-    bar = tqdm(desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
+    bar = None  # drawn at the first event: an error before training starts is then the only line
 
     def show(event: dict) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
         kind = event.get("event")
         if event.get("total_steps"):
             bar.total = event["total_steps"]
@@ -213,7 +216,11 @@ def _train_reporter(json_progress: bool) -> tuple[Callable[[dict], None], Callab
         elif kind == "start" and event.get("resumed"):
             bar.write(f"resuming at step {event.get('step')}", file=sys.stderr)
 
-    return show, bar.close
+    def close() -> None:
+        if bar is not None:
+            bar.close()
+
+    return show, close
 
 
 def cmd_train(args: argparse.Namespace) -> int:

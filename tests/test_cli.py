@@ -26,6 +26,17 @@ def model_file(tiny_encoder_dir, tmp_path_factory):
     return checkpoint.save_model(model, tmp_path_factory.mktemp("models") / "tiny.safetensors", version="3.1")
 
 
+@pytest.fixture(scope="module")
+def present_model_file(tiny_encoder_dir, tmp_path_factory, biased_model):
+    """A model that always answers "here": its mask covers every body slice it segments."""
+    from lsms_core.testing import tiny_config
+
+    model = biased_model(tiny_config(tiny_encoder_dir, image_size=32), present=True)
+    return checkpoint.save_model(
+        model, tmp_path_factory.mktemp("models") / "present.safetensors", version="p1"
+    )
+
+
 @pytest.fixture()
 def ct_file(tmp_path):
     """A small CT NIfTI with an ellipse of soft tissue and non-identity geometry."""
@@ -38,7 +49,9 @@ def ct_file(tmp_path):
     return path
 
 
-def test_predict_writes_a_mask_on_the_input_grid(model_file, ct_file, tmp_path, capsys):
+def test_predict_writes_a_mask_on_the_input_grid(
+    present_model_file, one_torch_thread, ct_file, tmp_path, capsys
+):
     out = tmp_path / "out" / "mask.nii.gz"
     code = main(
         [
@@ -49,14 +62,16 @@ def test_predict_writes_a_mask_on_the_input_grid(model_file, ct_file, tmp_path, 
             "--out",
             str(out),
             "--model",
-            str(model_file),
+            str(present_model_file),
             "--device",
             "cpu",
         ]
     )
     stdout = capsys.readouterr().out
     assert code == 0
-    assert "found" in stdout and " ml" in stdout and "voxels:" in stdout
+    lines = stdout.splitlines()
+    assert lines[0] == "'the largest lesion': found"  # not "not found (the mask is empty)"
+    assert " ml" in lines[1] and lines[1].startswith("voxels: ") and lines[2] == f"mask: {out}"
 
     ct, mask = read_volume(ct_file), read_volume(out)
     assert mask.array.shape == ct.array.shape and mask.array.dtype == np.uint8
@@ -66,12 +81,15 @@ def test_predict_writes_a_mask_on_the_input_grid(model_file, ct_file, tmp_path, 
 
     from lsms_core.infer import Segmenter
 
-    expected = Segmenter(model_file, device="cpu").segment(ct, "the largest lesion").mask
+    expected = Segmenter(present_model_file, device="cpu").segment(ct, "the largest lesion").mask
+    assert expected.any() and mask.array[ct.array > 0].all()  # the "always here" model: all the body
     np.testing.assert_array_equal(mask.array, expected)
     assert f"voxels: {int(expected.sum())} " in stdout
+    ml = int(expected.sum()) * 0.7 * 0.8 * 3.0 / 1000.0  # voxels x voxel volume (mm^3) -> ml
+    assert f"volume: {ml:.2f} ml" in stdout
 
 
-def test_predict_slice_range(model_file, ct_file, tmp_path):
+def test_predict_slice_range(present_model_file, one_torch_thread, ct_file, tmp_path):
     out = tmp_path / "mask.nii.gz"
     assert (
         main(
@@ -83,7 +101,7 @@ def test_predict_slice_range(model_file, ct_file, tmp_path):
                 "--out",
                 str(out),
                 "--model",
-                str(model_file),
+                str(present_model_file),
                 "--device",
                 "cpu",
                 "--slices",
@@ -92,8 +110,15 @@ def test_predict_slice_range(model_file, ct_file, tmp_path):
         )
         == 0
     )
+    from lsms_core.infer import Segmenter
+
+    ct = read_volume(ct_file)
     mask = read_volume(out).array
-    assert not mask[:1].any() and not mask[3:].any()
+    assert not mask[:1].any() and not mask[3:].any()  # z1 exclusive: slices 1 and 2 only
+    for z in (1, 2):  # the "always here" model marks all the body inside the range
+        assert mask[z][ct.array[z] > 0].all()
+    expected = Segmenter(present_model_file, device="cpu").segment(ct, "all lesions", slices=(1, 3)).mask
+    np.testing.assert_array_equal(mask, expected)
 
 
 def test_bad_model_files_are_clear_errors(model_file, ct_file, tmp_path, capsys):
@@ -307,9 +332,68 @@ def test_predict_checks_the_output_and_image_before_loading_the_model(ct_file, t
 
     monkeypatch.setattr(lsms_core.infer, "Segmenter", no_model)
     base = ["predict", "--text", "the lesion", "--device", "cpu"]
-    assert main([*base, str(ct_file), "--out", str(tmp_path / "mask.png")]) != 0
+    assert main([*base, str(ct_file), "--out", str(tmp_path / "mask.png")]) == 2
     assert "unsupported output format .png" in capsys.readouterr().err
-    assert main([*base, str(ct_file), "--out", str(tmp_path)]) != 0
+    assert main([*base, str(ct_file), "--out", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
-    assert main([*base, str(tmp_path / "absent.nii.gz"), "--out", str(tmp_path / "m.nii.gz")]) != 0
+    assert main([*base, str(tmp_path / "absent.nii.gz"), "--out", str(tmp_path / "m.nii.gz")]) == 2
     assert "absent.nii.gz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "line"),
+    [
+        (
+            "oom",
+            2,
+            "lsms predict: error: cpu ran out of memory segmenting 4 slices; lower --batch-size",
+        ),
+        ("interrupt", 130, "interrupted"),
+    ],
+)
+def test_predict_out_of_memory_and_ctrl_c_are_one_line(
+    model_file, ct_file, tmp_path, capsys, monkeypatch, error, code, line
+):
+    from lsms_core.infer import DeviceOutOfMemoryError, Segmenter
+
+    def fail(self, volume, text, **kwargs):
+        if error == "oom":
+            raise DeviceOutOfMemoryError("cpu ran out of memory segmenting 4 slices; lower --batch-size")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Segmenter, "segment", fail)
+    out = tmp_path / "m.nii.gz"
+    argv = ["predict", str(ct_file), "--text", "the lesion", "--out", str(out), "--model", str(model_file)]
+    assert main([*argv, "--device", "cpu"]) == code
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [line]  # one line, no traceback
+    assert captured.out == "" and not out.exists()
+
+
+def test_train_and_evaluate_report_bad_data_and_model_paths_in_one_line(tiny_encoder_dir, tmp_path, capsys):
+    from _datasets import make_tiny_dataset
+
+    not_data = tmp_path / "scans"
+    not_data.mkdir()
+    (not_data / "ct.nii.gz").write_bytes(b"")
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(not_data), "--out", str(run), "--preset", "tiny",
+            "--text-encoder", str(tiny_encoder_dir), "--device", "cpu"]  # fmt: skip
+    for progress in ([], ["--json-progress"]):  # no progress bar is drawn before the error
+        assert main([*argv, *progress]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.splitlines() == [
+            f"lsms train: error: {not_data} is not an LSMS dataset: it has no dataset.json. Create one with "
+            "`lsms data synth`, `lsms data import` or lsms_core.data.dataset.DatasetWriter"
+        ]
+        assert captured.out == "" and not run.exists()
+
+    data = make_tiny_dataset(tmp_path / "data", cases=3)
+    missing = tmp_path / "no_such_model.safetensors"
+    report = tmp_path / "report.json"
+    argv = ["evaluate", "--data", str(data), "--model", str(missing), "--device", "cpu",
+            "--json", str(report)]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("lsms evaluate: error: ")
+    assert str(missing) in err and "Traceback" not in err and not report.exists()

@@ -193,13 +193,18 @@ def test_volume_evaluation_scores_each_expression_in_3d(model, data_dir):
     assert set(report["per_kind"]) == kinds
     json.dumps(report)
 
+    # make_tiny_dataset(cases=4): the test split is one case with three expressions, the dark and
+    # the bright lesion (one target each) and one negative, so max_expressions=3 takes all of them.
+    assert len(records) == 3 and [len(r["targets"]) for r in records] == [1, 1, 0]
+    assert (report["overall"]["n_positive"], report["overall"]["n_negative"]) == (2, 1)
+    assert report["overall"]["negative_accuracy"] == 1.0
+
     force_outputs(model, mask_logit=5.0, presence_logit=-10.0)  # the real model now finds nothing
     empty = evaluate_volumes(model, dataset, "test", max_expressions=3)
     assert empty["items"] == 3 and empty["total_items"] == len(records)
-    if empty["overall"]["n_positive"]:
-        assert empty["overall"]["mIoU"] == 0.0
-    if empty["overall"]["n_negative"]:
-        assert empty["overall"]["negative_accuracy"] == 1.0
+    assert (empty["overall"]["n_positive"], empty["overall"]["n_negative"]) == (2, 1)
+    assert empty["overall"]["mIoU"] == 0.0
+    assert empty["overall"]["negative_accuracy"] == 1.0
 
 
 def test_volume_level_through_evaluate_path(model, data_dir, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -59,3 +60,34 @@ def test_atomic_writes_keep_normal_permissions_even_when_the_writer_replaces_the
     mask = os.umask(0)
     os.umask(mask)
     assert os.stat(target).st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_every_public_name_of_both_packages_resolves_to_its_declared_module():
+    """``__all__`` of ``lsms_core`` and ``napari_lsms`` are lazy: each name must import, in a fresh
+    interpreter, as the very object defined in the module that ``_EXPORTS`` declares for it."""
+    code = """
+import importlib, importlib.metadata, json
+problems, resolved = [], 0
+for package in ("lsms_core", "napari_lsms"):
+    pkg = importlib.import_module(package)
+    if sorted(pkg.__all__) != sorted(["__version__", *pkg._EXPORTS]) or sorted(dir(pkg)) != sorted(pkg.__all__):
+        problems.append(f"{package}: __all__ {pkg.__all__} / dir() do not list exactly _EXPORTS + __version__")
+    if pkg.__version__ != importlib.metadata.version("napari-lsms"):
+        problems.append(f"{package}.__version__ {pkg.__version__!r} is not the distribution's")
+    for name in pkg.__all__:
+        if name == "__version__":
+            continue
+        module = pkg._EXPORTS[name]
+        value = getattr(pkg, name)
+        resolved += 1
+        if value is not getattr(importlib.import_module(module), name):
+            problems.append(f"{package}.{name} is not {module}.{name}")
+        if (getattr(value, "__module__", None), getattr(value, "__name__", None)) != (module, name):
+            problems.append(f"{package}.{name} is {value!r}, not defined in {module}")
+print(json.dumps({"problems": problems, "resolved": resolved}))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["problems"] == []
+    assert result["resolved"] == 16 + 5  # lsms_core's 16 exports and napari_lsms's 5, none skipped
