@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -101,8 +102,8 @@ def test_lvit_errors(tmp_path):
         LViTDataset(tmp_path, "dev")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("openpyxl") is not None, reason="openpyxl installed")
-def test_lvit_xlsx_without_openpyxl_is_a_clear_error(tmp_path):
+def test_lvit_xlsx_without_openpyxl_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openpyxl", None)  # as if it were not installed: import fails
     folder, _ = make_lvit(tmp_path, table="none")
     (folder / "Train_text.xlsx").write_bytes(b"PK\x03\x04")
     with pytest.raises(ValueError, match="openpyxl.*CSV"):
