@@ -3,7 +3,9 @@
 This is the issue's acceptance check run as a test: ``lsms predict`` without ``--model`` on the
 sample CT with one of its expressions gives a mask with Dice >= 0.7 against the sample's truth, in
 the CT's own geometry, and a negative expression (a lesion the sample does not have) is answered
-"not found". The truth comes from the sample's lesion labels, not from the model.
+"not found". The same through the plugin: ``napari-lsms`` (README command 1) opens the sample with
+the default model and a description, and Segment draws that lesion. The truth comes from the
+sample's lesion labels, not from the model.
 """
 
 from __future__ import annotations
@@ -55,3 +57,34 @@ def test_the_default_model_answers_a_lesion_the_sample_lacks_with_not_found(tmp_
     mask, stdout = _predict(tmp_path, capsys, record["expression"])
     assert not mask.array.any()
     assert f"{record['expression']!r}: not found" in stdout
+
+
+def test_the_main_job_segments_the_sample_with_the_default_model(qtbot, tmp_path, monkeypatch):
+    """README command 1 (`napari-lsms`), driven like a user: the sample CT opens with the default
+    model and a sample description typed in; pressing Segment draws that lesion over the CT."""
+    from lsms_core.checkpoint import default_model_path
+    from lsms_core.data.sample import load_sample
+    from lsms_core.metrics import dice
+    from napari_lsms._main import launch
+    from napari_lsms._widget import LABELS_NAME
+
+    monkeypatch.setenv("LSMS_HOME", str(tmp_path / "home"))
+    viewer, widget = launch([], show=False)
+    try:
+        assert widget.model_combo.currentData() == str(default_model_path().resolve())
+        image = widget.selected_image()
+        sample = load_sample()
+        [record] = [r for r in sample.expressions if r["expression"] == widget.description_edit.text()]
+        truth = np.isin(sample.lesions, record.get("targets") or [])
+        assert truth.any(), "the typed-in description should name a lesion of the sample"
+        assert image.data.shape == truth.shape
+
+        widget.segment_button.click()
+        qtbot.waitUntil(lambda: not widget.is_running, timeout=120_000)
+        labels = viewer.layers[LABELS_NAME]
+        assert labels.scale == pytest.approx(image.scale) and labels.translate == pytest.approx(image.translate)
+        answer = labels.data == widget.last_result.label
+        score = dice(answer, truth)
+        assert score >= 0.7, f"Dice {score:.3f} for {record['expression']!r}"
+    finally:
+        viewer.close()
