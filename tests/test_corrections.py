@@ -278,6 +278,48 @@ def test_partial_scope_record_keeps_negatives_inside_the_reviewed_slices(tmp_pat
     assert "slices" not in whole
 
 
+def test_replacing_a_partial_correction_keeps_every_reviewed_range(tmp_path):
+    """One description reviewed in two pieces: its record covers both, and only those slices."""
+    from lsms_core.data.dataset import SliceDataset
+
+    shape = (12, 24, 20)
+    image = _volume(shape=shape)
+    mask = np.zeros(shape, np.uint8)
+    mask[3, 5:12, 4:10] = 1  # seen in the first piece, slices 2..4
+    ds = CorrectionsDataset(tmp_path)
+    ds.add(image, "the lesion", mask, mask, model_version="v1", slices=(2, 5))
+    mask[9, 5:12, 4:10] = 1  # the same description, segmented again on slices 8..10
+    second = ds.add(image, "the lesion", mask, mask, model_version="v1", slices=(8, 11), replace=True)
+    assert second["slices"] == [[2, 4], [8, 10]]
+    [record] = ReferringDataset(tmp_path).expressions()
+    assert record["slices"] == [[2, 4], [8, 10]]  # a valid dataset field
+    split = "train" if record["case"] in ds.splits()["train"] else "val"
+    items = SliceDataset(tmp_path, split, image_size=16, negatives_fraction=0.9).items
+    absent = sorted(z for _, z, present in items if not present)
+    assert sorted(absent + [z for _, z, present in items if present]) == [2, 3, 4, 8, 9, 10]
+
+    # a third piece touching the second merges into one range; "all slices" lifts the restriction
+    third = ds.add(image, "the lesion", mask, mask, model_version="v1", slices=(5, 8), replace=True)
+    assert third["slices"] == [2, 10]
+    whole = ds.add(image, "the lesion", mask, mask, model_version="v1", replace=True)
+    assert "slices" not in whole
+    again = ds.add(image, "the lesion", mask, mask, model_version="v1", slices=(2, 5), replace=True)
+    assert "slices" not in again  # everything was reviewed before
+
+
+def test_slices_field_forms():
+    from lsms_core.data.dataset import slice_ranges, union_slice_ranges
+
+    assert slice_ranges([2, 4]) == [(2, 4)]
+    assert slice_ranges([[8, 9], [2, 4]]) == [(8, 9), (2, 4)]
+    for bad in ([4, 2], [2], [], [[2, 4], [5]], [[2, 4], 7], [True, 3], "2:4"):
+        with pytest.raises(ValueError, match="'slices' must be"):
+            slice_ranges(bad)
+    assert union_slice_ranges([2, 4], [[6, 7], [3, 5]]) == [2, 7]
+    assert union_slice_ranges([2, 4], [9, 9]) == [[2, 4], [9, 9]]
+    assert union_slice_ranges([2, 4], None) is None
+
+
 def test_partial_scope_on_a_sagittal_image_is_refused_before_writing(tmp_path):
     base = _volume(shape=(10, 24, 20))
     sagittal = Volume(base.array, base.spacing, base.origin, direction=_SAGITTAL)

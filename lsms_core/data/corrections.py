@@ -255,7 +255,9 @@ class CorrectionsDataset:
             replace: when True, earlier records of the same image (content hash) and the same
                 description (ignoring case and spacing) are removed in the same atomic rewrite of
                 ``expressions.jsonl`` and their mask files deleted afterwards; the new record lists
-                their ids in ``"replaces"``. When False (the default) every call adds a record.
+                their ids in ``"replaces"`` and its ``slices`` covers theirs too (the corrected mask
+                still holds what was reviewed before). When False (the default) every call adds a
+                record.
 
         Returns:
             the record appended to ``expressions.jsonl``.
@@ -301,7 +303,7 @@ class CorrectionsDataset:
         reviewed,
         replace,
     ) -> dict:
-        from lsms_core.data.dataset import LESIONS_FILE, DatasetWriter
+        from lsms_core.data.dataset import LESIONS_FILE, DatasetWriter, union_slice_ranges
         from lsms_core.io import write_volume
 
         shape = tuple(image.array.shape)
@@ -349,6 +351,8 @@ class CorrectionsDataset:
             "model_version": str(model_version),
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         }
+        if replaced:  # the label still holds what was reviewed before: all of it counts as reviewed
+            reviewed = union_slice_ranges(reviewed, *(r.get("slices") for r in replaced))
         if reviewed is not None:
             record["slices"] = reviewed
         if replaced:

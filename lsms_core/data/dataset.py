@@ -106,15 +106,56 @@ def _check_record(record: Any, where: str, cases: Iterable[str], root: Path) -> 
         raise ValueError(f"{where}: 'targets' must be a list of integer lesion ids, got {targets!r}")
     if record.get("source", "generated") not in SOURCES:
         raise ValueError(f"{where}: 'source' must be one of {SOURCES}, got {record.get('source')!r}")
-    slices = record.get("slices")
-    if slices is not None and not (
-        isinstance(slices, list)
-        and len(slices) == 2
-        and all(isinstance(s, int) for s in slices)
-        and slices[0] <= slices[1]
-    ):
-        raise ValueError(f"{where}: 'slices' must be [z0, z1] with integers z0 <= z1, got {slices!r}")
+    if record.get("slices") is not None:
+        try:
+            slice_ranges(record["slices"])
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
     return record
+
+
+def slice_ranges(slices: Any) -> list[tuple[int, int]]:
+    """A record's ``slices`` field as a list of inclusive ``(z0, z1)`` ranges.
+
+    The field is one range ``[z0, z1]`` or, for a correction reviewed in several pieces, a list of
+    them ``[[z0, z1], [z2, z3]]``; ``ValueError`` for anything else.
+    """
+
+    def one(value: Any) -> tuple[int, int] | None:
+        ok = (
+            isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            and value[0] <= value[1]
+        )
+        return (value[0], value[1]) if ok else None
+
+    single = one(slices)
+    if single is not None:
+        return [single]
+    ranges = [one(v) for v in slices] if isinstance(slices, list) and slices else [None]
+    if any(r is None for r in ranges):
+        raise ValueError(
+            f"'slices' must be [z0, z1] or a list of [z0, z1] ranges, with integers z0 <= z1, got {slices!r}"
+        )
+    return ranges
+
+
+def union_slice_ranges(*fields: Any) -> list | None:
+    """The ``slices`` field covering every given one (None, "all slices", wins).
+
+    Overlapping and touching ranges merge; one resulting range is written ``[z0, z1]``, several
+    ``[[z0, z1], ...]``.
+    """
+    if not fields or any(f is None for f in fields):
+        return None
+    merged: list[list[int]] = []
+    for z0, z1 in sorted(r for f in fields for r in slice_ranges(f)):
+        if merged and z0 <= merged[-1][1] + 1:
+            merged[-1][1] = max(merged[-1][1], z1)
+        else:
+            merged.append([z0, z1])
+    return merged[0] if len(merged) == 1 else merged
 
 
 def _check_splits(splits: Any, where: str, cases: Iterable[str]) -> dict[str, list[str]]:
@@ -740,12 +781,12 @@ class _SliceDataset:
 
     def _candidate_slices(self, record: dict) -> list[int]:
         """Slices negatives are drawn from: the organ's slices (all slices without an organ mask),
-        within the record's ``slices`` range when it has one."""
+        within the record's ``slices`` range(s) when it has them."""
         info = self.dataset.case_info(record["case"])
         candidates = info.get("organ_slices") or list(range(info["shape"][0]))
         if "slices" in record:
-            z0, z1 = record["slices"]
-            candidates = [z for z in candidates if z0 <= z <= z1] or candidates
+            ranges = slice_ranges(record["slices"])
+            candidates = [z for z in candidates if any(z0 <= z <= z1 for z0, z1 in ranges)] or candidates
         return candidates
 
     def _target(self, record: dict) -> np.ndarray:
