@@ -686,3 +686,35 @@ def test_an_image_from_another_reader_keeps_its_geometry_marked_as_guessed(
         write_labels(str(tmp_path / "mask.nii.gz"), labels.data, meta)
     _run(qtbot, widget, SECOND)  # both guessed, same grid: the same layer is reused
     assert widget.last_result.labels is labels and list(labels.features["label"]) == [1, 2]
+
+
+def test_a_lazy_image_is_read_in_the_worker_not_on_the_gui_thread(
+    make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes, monkeypatch
+):
+    """A dask CT (e.g. from another reader) is read whole by the segmentation worker; the GUI thread
+    reads at most the slices napari displays."""
+    import threading
+
+    import dask
+    import dask.array as da
+
+    # blocks are computed on the thread that asks for them, not in dask's own pool
+    monkeypatch.setitem(dask.config.config, "scheduler", "synchronous")
+    [(data, kwargs, _)] = read_ct(str(ct_path))
+    reads: list[tuple[int, bool]] = []  # (slice, read on the GUI thread)
+    gui = threading.main_thread()
+
+    def record(block, block_info=None):
+        reads.append((block_info[0]["chunk-location"][0], threading.current_thread() is gui))
+        return block
+
+    lazy = da.from_array(np.asarray(data), chunks=(1, *data.shape[1:])).map_blocks(record, dtype=data.dtype)
+    viewer = make_napari_viewer()
+    viewer.add_image(lazy, **kwargs)
+    widget = _widget(viewer, model_path)
+    before = len(reads)
+    _run(qtbot, widget, FIRST)
+    assert not [n for n in notes if n[0] == "error"], notes
+    in_worker = {z for z, on_gui in reads[before:] if not on_gui}
+    assert in_worker == set(range(data.shape[0]))  # the whole volume, off the GUI thread
+    assert widget.last_result is not None and widget.last_result.description == FIRST
