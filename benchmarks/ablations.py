@@ -158,17 +158,33 @@ def test_report(run: Path, model_path: str, data: Path) -> dict:
     return evaluate_path(model_path, data, "test", json_out=path, per_pair=True)
 
 
-def paired_delta(base: list[dict], other: list[dict], boots: int = 2000, seed: int = 0) -> dict:
-    """mIoU(other) - mIoU(base) over the positive pairs both scored, with a 95 % interval from a
-    bootstrap over test *cases* (pairs of one case are not independent)."""
+def paired_delta(
+    base: list[dict], other: list[dict], boots: int = 2000, seed: int = 0, *, score: str = "iou"
+) -> dict:
+    """score(other) - score(base) over the pairs both scored, with a 95 % interval from a
+    bootstrap over test *cases* (pairs of one case are not independent).
+
+    ``score="iou"``: the mean IoU of the positive pairs (mIoU); ``score="empty"``: the share of
+    negative pairs answered with an empty mask ("neg. empty").
+    """
     import numpy as np
 
-    def ious(pairs):
-        return {
-            (p["id"], p["z"]): (p["case"], p["intersection"] / p["union"]) for p in pairs if p["target_area"]
-        }
+    def scores(pairs):
+        if score == "iou":
+            return {
+                (p["id"], p["z"]): (p["case"], p["intersection"] / p["union"])
+                for p in pairs
+                if p["target_area"]
+            }
+        if score == "empty":
+            return {
+                (p["id"], p["z"]): (p["case"], float(p["pred_area"] == 0))
+                for p in pairs
+                if not p["target_area"]
+            }
+        raise ValueError(f"score must be 'iou' or 'empty', got {score!r}")
 
-    a, b = ious(base), ious(other)
+    a, b = scores(base), scores(other)
     keys = sorted(a.keys() & b.keys())
     cases = sorted({a[k][0] for k in keys})
     index = {c: i for i, c in enumerate(cases)}
@@ -199,6 +215,7 @@ def print_table(rows: list[dict]) -> None:
         f"{'variant':<20}"
         + "".join(f"{title:>11}" for _, title in COLUMNS)
         + f"{'steps':>7}{'best':>7}{'train s':>9}  mIoU - full [95% CI over cases]"
+        + "  neg. empty - full [95% CI]"
     )
     print(header)
     print("-" * len(header))
@@ -208,11 +225,63 @@ def print_table(rows: list[dict]) -> None:
             for key, _ in COLUMNS
         )
         best = row.get("best_step") or "-"  # the step of the scored (best-validation) model
-        d = row.get("vs_full")
-        delta = f"  {d['delta']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" if d else ""
-        print(
-            f"{row['variant']:<20}{cells}{row.get('steps', 0):>7}{best:>7}{row.get('train_s', 0):>9.0f}{delta}"
+        deltas = "".join(
+            f"  {d['delta']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]"
+            for d in (row.get("vs_full"), row.get("vs_full_empty"))
+            if d
         )
+        print(
+            f"{row['variant']:<20}{cells}{row.get('steps', 0):>7}{best:>7}{row.get('train_s', 0):>9.0f}{deltas}"
+        )
+    matched = [r for r in rows if r.get("at_full_empty")]
+    if matched:
+        print(
+            "\nAt the full model's neg. empty (presence threshold raised until as many negatives are empty):"
+        )
+        for r in matched:
+            m = r["at_full_empty"]
+            t = "0.5 (unchanged)" if m["threshold"] is None else f"{m['threshold']:.3f}"
+            print(f"{r['variant']:<20} mIoU {m['mIoU']:.3f}  presence threshold {t}")
+
+
+def miou_at_negatives_empty(pairs: list[dict], target: float) -> dict:
+    """mIoU when the presence threshold is raised (from the 0.5 every figure uses) until at least
+    ``target`` of the negative pairs are answered empty: the variants compared at the full model's
+    operating point, not at a trade-off of their own. ``threshold`` is None when 0.5 already gets
+    there; a threshold can only be raised, since a vetoed answer's mask is not in the report."""
+    import numpy as np
+
+    presence = np.array([p["presence"] for p in pairs], dtype=float)
+    positive = np.array([bool(p["target_area"]) for p in pairs])
+    iou = np.array([p["intersection"] / p["union"] if p["target_area"] else 0.0 for p in pairs])
+    answered = np.array([p["pred_area"] > 0 for p in pairs])
+    for t in [None, *np.unique(presence[(presence > 0.5) & answered])]:
+        kept = answered if t is None else answered & (presence > t)
+        if (~kept[~positive]).mean() >= target:
+            break
+    return {
+        "threshold": None if t is None else float(t),
+        "mIoU": float(np.where(kept, iou, 0.0)[positive].mean()),
+    }
+
+
+def add_deltas(rows: list[dict], out: Path) -> None:
+    """Each variant's mIoU and neg. empty minus the full model's (``vs_full``, ``vs_full_empty``),
+    from the saved test reports, when the full model's report is there."""
+    import numpy as np
+
+    full_report = out / "full" / TEST_REPORT
+    if not full_report.is_file():
+        return
+    full_pairs = json.loads(full_report.read_text())["pairs"]
+    for r in rows:
+        report = out / r["variant"] / TEST_REPORT
+        if r["variant"] != "full" and report.is_file():
+            pairs = json.loads(report.read_text())["pairs"]
+            r["vs_full"] = paired_delta(full_pairs, pairs)
+            r["vs_full_empty"] = paired_delta(full_pairs, pairs, score="empty")
+            full_empty = float(np.mean([p["pred_area"] == 0 for p in full_pairs if not p["target_area"]]))
+            r["at_full_empty"] = miou_at_negatives_empty(pairs, full_empty)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -236,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     results_path = Path(args.out) / "ablations.json"
     if args.table_only:
         saved = json.loads(results_path.read_text())
+        add_deltas(saved["rows"], Path(args.out))  # also for rows saved before a column existed
         print(title(saved["args"]))
         print_table(saved["rows"])
         return 0
@@ -253,13 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         # Re-read before writing: rows of other invocations with the same data and recipe are kept.
         rows = {r["variant"]: r for r in saved_rows(results_path, args)} | {name: row}
         ordered = [rows[v] for v in VARIANTS if v in rows]
-        full_report = Path(args.out) / "full" / TEST_REPORT
-        if "full" in rows and full_report.is_file():
-            full_pairs = json.loads(full_report.read_text())["pairs"]
-            for r in ordered:
-                if r["variant"] != "full":
-                    other = json.loads((Path(args.out) / r["variant"] / TEST_REPORT).read_text())
-                    r["vs_full"] = paired_delta(full_pairs, other["pairs"])
+        if "full" in rows:
+            add_deltas(ordered, Path(args.out))
         Path(args.out).mkdir(parents=True, exist_ok=True)
         results_path.write_text(json.dumps({"args": vars(args), "rows": ordered}, indent=2) + "\n")
     print(title(vars(args)))

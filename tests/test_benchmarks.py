@@ -8,6 +8,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -82,6 +84,7 @@ def test_paired_delta_is_the_mean_iou_difference_with_a_case_bootstrap():
             "intersection": inter,
             "union": union,
             "target_area": target,
+            "pred_area": union - target + inter,
         }
 
     base = [pair("a", 0, 1, 2), pair("a", 1, 0, 1), pair("b", 0, 1, 1), pair("b", 1, 0, 0, target=0)]
@@ -93,6 +96,39 @@ def test_paired_delta_is_the_mean_iou_difference_with_a_case_bootstrap():
     # bootstrap over 2 cases: either both (1/3), only a (0.75) or only b (-0.5)
     assert d["lo"] >= -0.5 and d["hi"] <= 0.75
     assert ablations.paired_delta(base, base)["delta"] == 0.0
+    # negatives: b1 empty in base (pred 0), not in other (pred 3): neg. empty falls by 1 on 1 pair
+    e = ablations.paired_delta(base, other, boots=500, score="empty")
+    assert e["delta"] == -1.0 and e["cases"] == 1 and e["lo"] == e["hi"] == -1.0
+    with pytest.raises(ValueError, match="score"):
+        ablations.paired_delta(base, other, score="dice")
+
+
+def test_miou_at_the_full_models_negatives_empty_raises_the_presence_threshold():
+    ablations = _load("ablations")
+
+    def pair(presence, target, inter=0, pred=0):
+        union = target + pred - inter
+        return {
+            "presence": presence,
+            "target_area": target,
+            "intersection": inter,
+            "union": union,
+            "pred_area": pred,
+        }
+
+    pairs = [
+        pair(0.9, 4, inter=4, pred=4),  # positive, IoU 1
+        pair(0.6, 4, inter=2, pred=2),  # positive, IoU 0.5
+        pair(0.3, 4),  # positive vetoed at 0.5: IoU 0
+        pair(0.7, 0, pred=3),  # negative answered (wrong) with presence 0.7
+        pair(0.55, 0, pred=1),  # negative answered (wrong) with presence 0.55
+        pair(0.2, 0),  # negative answered empty
+    ]
+    # at 0.5: 1/3 of the negatives empty, mIoU (1 + 0.5 + 0) / 3
+    assert ablations.miou_at_negatives_empty(pairs, 0.3) == {"threshold": None, "mIoU": 0.5}
+    # 2/3 empty: raise past 0.55 (the 0.6 positive stays); all empty: past 0.7 (the 0.6 one goes)
+    assert ablations.miou_at_negatives_empty(pairs, 0.6) == {"threshold": 0.55, "mIoU": 0.5}
+    assert ablations.miou_at_negatives_empty(pairs, 1.0) == {"threshold": 0.7, "mIoU": 1 / 3}
 
 
 def test_results_of_another_recipe_do_not_share_the_table(tmp_path):
