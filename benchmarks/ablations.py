@@ -241,7 +241,11 @@ def print_table(rows: list[dict]) -> None:
         for r in matched:
             m = r["at_full_empty"]
             t = "0.5 (unchanged)" if m["threshold"] is None else f"{m['threshold']:.3f}"
-            print(f"{r['variant']:<20} mIoU {m['mIoU']:.3f}  presence threshold {t}")
+            d = m["vs_full"]
+            print(
+                f"{r['variant']:<20} mIoU {m['mIoU']:.3f}  minus full {d['delta']:+.3f} "
+                f"[{d['lo']:+.3f}, {d['hi']:+.3f}]  presence threshold {t}"
+            )
 
 
 def miou_at_negatives_empty(pairs: list[dict], target: float) -> dict:
@@ -265,6 +269,14 @@ def miou_at_negatives_empty(pairs: list[dict], target: float) -> dict:
     }
 
 
+def vetoed(pair: dict, threshold: float) -> dict:
+    """``pair`` as scored with the presence threshold raised to ``threshold``: an empty answer at or
+    below it."""
+    if pair["presence"] > threshold or not pair["pred_area"]:
+        return pair
+    return {**pair, "intersection": 0, "pred_area": 0, "union": pair["target_area"]}
+
+
 def add_deltas(rows: list[dict], out: Path) -> None:
     """Each variant's mIoU and neg. empty minus the full model's (``vs_full``, ``vs_full_empty``),
     from the saved test reports, when the full model's report is there."""
@@ -281,7 +293,46 @@ def add_deltas(rows: list[dict], out: Path) -> None:
             r["vs_full"] = paired_delta(full_pairs, pairs)
             r["vs_full_empty"] = paired_delta(full_pairs, pairs, score="empty")
             full_empty = float(np.mean([p["pred_area"] == 0 for p in full_pairs if not p["target_area"]]))
-            r["at_full_empty"] = miou_at_negatives_empty(pairs, full_empty)
+            matched = miou_at_negatives_empty(pairs, full_empty)
+            if matched["threshold"] is not None:  # the same pairs with the answers that gate now vetoes
+                pairs = [vetoed(p, matched["threshold"]) for p in pairs]
+            r["at_full_empty"] = {**matched, "vs_full": paired_delta(full_pairs, pairs)}
+
+
+def other_lesion_on_slice(pair: dict, targets: list[int], lesion_slices: dict[str, list[int]]) -> bool:
+    """True when a lesion the expression does not refer to is also on the pair's slice: only then
+    must the words pick the lesion (``lesion_slices``: ``case_info(case)["lesions"]`` id -> slices)."""
+    return any(
+        int(lesion) not in targets and pair["z"] in info["slices"] for lesion, info in lesion_slices.items()
+    )
+
+
+def print_by_slice_content(rows: list[dict], out: Path, data: str) -> None:
+    """Each variant's mIoU on the positive pairs whose slice shows only the target(s), and on those
+    where another lesion is on the slice too."""
+    import numpy as np
+
+    from lsms_core.data.dataset import ReferringDataset
+
+    dataset = ReferringDataset(data)
+    targets = {r["id"]: list(r.get("targets") or []) for r in dataset.expressions()}
+    lesions: dict[str, dict] = {}
+    print("\nmIoU by what else the slice shows (positive pairs):")
+    for r in rows:
+        report = out / r["variant"] / TEST_REPORT
+        if not report.is_file():
+            continue
+        groups: dict[bool, list[float]] = {False: [], True: []}
+        for p in json.loads(report.read_text())["pairs"]:
+            if p["target_area"]:
+                if p["case"] not in lesions:
+                    lesions[p["case"]] = dataset.case_info(p["case"])["lesions"]
+                crowded = other_lesion_on_slice(p, targets[p["id"]], lesions[p["case"]])
+                groups[crowded].append(p["intersection"] / p["union"])
+        print(
+            f"{r['variant']:<20} only the target(s) {np.mean(groups[False]):.3f} (n={len(groups[False])})  "
+            f"another lesion too {np.mean(groups[True]):.3f} (n={len(groups[True])})"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -308,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         add_deltas(saved["rows"], Path(args.out))  # also for rows saved before a column existed
         print(title(saved["args"]))
         print_table(saved["rows"])
+        print_by_slice_content(saved["rows"], Path(args.out), args.data)
         return 0
 
     from lsms_core.model import LSMSConfig
@@ -329,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         results_path.write_text(json.dumps({"args": vars(args), "rows": ordered}, indent=2) + "\n")
     print(title(vars(args)))
     print_table(ordered)
+    print_by_slice_content(ordered, Path(args.out), args.data)
     return 0
 
 

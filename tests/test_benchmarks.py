@@ -129,6 +129,20 @@ def test_miou_at_the_full_models_negatives_empty_raises_the_presence_threshold()
     # 2/3 empty: raise past 0.55 (the 0.6 positive stays); all empty: past 0.7 (the 0.6 one goes)
     assert ablations.miou_at_negatives_empty(pairs, 0.6) == {"threshold": 0.55, "mIoU": 0.5}
     assert ablations.miou_at_negatives_empty(pairs, 1.0) == {"threshold": 0.7, "mIoU": 1 / 3}
+    # the same threshold applied pair by pair: the 0.6 positive and both wrong negatives are emptied
+    raised = [ablations.vetoed(p, 0.7) for p in pairs]
+    assert [p["pred_area"] for p in raised] == [4, 0, 0, 0, 0, 0]
+    assert [p["intersection"] / p["union"] for p in raised[:3]] == [1.0, 0.0, 0.0]
+    assert raised[0] is pairs[0] and raised[2] is pairs[2]  # kept or already empty: unchanged
+
+
+def test_other_lesion_on_slice_ignores_the_targets():
+    ablations = _load("ablations")
+    lesions = {"1": {"slices": [3, 4, 5]}, "2": {"slices": [5, 6]}}
+    assert not ablations.other_lesion_on_slice({"z": 4}, [1], lesions)  # only the target
+    assert ablations.other_lesion_on_slice({"z": 5}, [1], lesions)  # lesion 2 too
+    assert not ablations.other_lesion_on_slice({"z": 5}, [1, 2], lesions)  # both are targets
+    assert ablations.other_lesion_on_slice({"z": 6}, [1], lesions)
 
 
 def test_results_of_another_recipe_do_not_share_the_table(tmp_path):
