@@ -59,7 +59,7 @@ def test_the_default_model_answers_a_lesion_the_sample_lacks_with_not_found(tmp_
     assert f"{record['expression']!r}: not found" in stdout
 
 
-def test_the_main_job_segments_the_sample_with_the_default_model(qtbot, tmp_path, monkeypatch):
+def test_the_main_job_segments_the_sample_with_the_default_model(make_napari_viewer, qtbot, tmp_path, monkeypatch):
     """README command 1 (`napari-lsms`), driven like a user: the sample CT opens with the default
     model and a sample description typed in; pressing Segment draws that lesion over the CT."""
     from lsms_core.checkpoint import default_model_path
@@ -68,6 +68,8 @@ def test_the_main_job_segments_the_sample_with_the_default_model(qtbot, tmp_path
     from napari_lsms._main import launch
     from napari_lsms._widget import LABELS_NAME
 
+    # launch() makes its own viewer; make_napari_viewer (unused) gives this test napari's fresh
+    # plugin registry, so a second launch in the session does not register the plugin twice
     monkeypatch.setenv("LSMS_HOME", str(tmp_path / "home"))
     viewer, widget = launch([], show=False)
     try:

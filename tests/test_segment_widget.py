@@ -395,10 +395,12 @@ def test_save_correction_keeps_model_and_corrected_masks(
     assert widget.corrections_count.text() == "1"
 
 
-def test_main_opens_a_ct_with_the_widgets_docked(qtbot, lsms_home, model_path, ct_path, notes):
+def test_main_opens_a_ct_with_the_widgets_docked(make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes):
     from lsms_core.checkpoint import default_model_path
     from napari_lsms._main import launch
 
+    # launch() makes its own viewer; make_napari_viewer (unused) gives this test napari's fresh
+    # plugin registry, so a second launch in the session does not register the plugin twice
     viewer, widget = launch(["--image", str(ct_path), "--text", SECOND], show=False)
     try:
         assert widget.selected_image() is not None and widget.selected_image().ndim == 3
