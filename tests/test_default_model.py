@@ -22,7 +22,9 @@ def _predict(tmp_path, capsys, text: str):
     from lsms_core.io import read_volume
 
     out = tmp_path / "mask.nii.gz"
-    code = main(["predict", str(sample_paths()["image"]), "--text", text, "--out", str(out), "--device", "cpu"])
+    code = main(
+        ["predict", str(sample_paths()["image"]), "--text", text, "--out", str(out), "--device", "cpu"]
+    )
     assert code == 0, capsys.readouterr().err
     return read_volume(out), capsys.readouterr().out
 
@@ -59,7 +61,9 @@ def test_the_default_model_answers_a_lesion_the_sample_lacks_with_not_found(tmp_
     assert f"{record['expression']!r}: not found" in stdout
 
 
-def test_the_main_job_segments_the_sample_with_the_default_model(make_napari_viewer, qtbot, tmp_path, monkeypatch):
+def test_the_main_job_segments_the_sample_with_the_default_model(
+    make_napari_viewer, qtbot, tmp_path, monkeypatch
+):
     """README command 1 (`napari-lsms`), driven like a user: the sample CT opens with the default
     model and a sample description typed in; pressing Segment draws that lesion over the CT."""
     from lsms_core.checkpoint import default_model_path
@@ -84,7 +88,9 @@ def test_the_main_job_segments_the_sample_with_the_default_model(make_napari_vie
         widget.segment_button.click()
         qtbot.waitUntil(lambda: not widget.is_running, timeout=120_000)
         labels = viewer.layers[LABELS_NAME]
-        assert labels.scale == pytest.approx(image.scale) and labels.translate == pytest.approx(image.translate)
+        assert labels.scale == pytest.approx(image.scale) and labels.translate == pytest.approx(
+            image.translate
+        )
         answer = labels.data == widget.last_result.label
         score = dice(answer, truth)
         assert score >= 0.7, f"Dice {score:.3f} for {record['expression']!r}"
