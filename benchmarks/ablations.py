@@ -299,20 +299,13 @@ def add_deltas(rows: list[dict], out: Path) -> None:
             r["at_full_empty"] = {**matched, "vs_full": paired_delta(full_pairs, pairs)}
 
 
-def other_lesion_on_slice(pair: dict, targets: list[int], lesion_slices: dict[str, list[int]]) -> bool:
-    """True when a lesion the expression does not refer to is also on the pair's slice: only then
-    must the words pick the lesion (``lesion_slices``: ``case_info(case)["lesions"]`` id -> slices)."""
-    return any(
-        int(lesion) not in targets and pair["z"] in info["slices"] for lesion, info in lesion_slices.items()
-    )
-
-
 def print_by_slice_content(rows: list[dict], out: Path, data: str) -> None:
     """Each variant's mIoU on the positive pairs whose slice shows only the target(s), and on those
     where another lesion is on the slice too."""
     import numpy as np
 
     from lsms_core.data.dataset import ReferringDataset
+    from lsms_core.evaluate import other_lesion_on_slice
 
     dataset = ReferringDataset(data)
     targets = {r["id"]: list(r.get("targets") or []) for r in dataset.expressions()}
@@ -327,7 +320,7 @@ def print_by_slice_content(rows: list[dict], out: Path, data: str) -> None:
             if p["target_area"]:
                 if p["case"] not in lesions:
                     lesions[p["case"]] = dataset.case_info(p["case"])["lesions"]
-                crowded = other_lesion_on_slice(p, targets[p["id"]], lesions[p["case"]])
+                crowded = other_lesion_on_slice(p["z"], targets[p["id"]], lesions[p["case"]])
                 groups[crowded].append(p["intersection"] / p["union"])
         print(
             f"{r['variant']:<20} only the target(s) {np.mean(groups[False]):.3f} (n={len(groups[False])})  "

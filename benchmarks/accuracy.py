@@ -44,8 +44,9 @@ def _cell(value) -> str:
 
 
 def print_split_table(report: dict, group: str = "per_kind") -> None:
-    """Overall + one row per kind (``group="per_kind"``) or per target size (``"per_target_size"``)."""
-    label = "kind" if group == "per_kind" else "target share of the slice"
+    """Overall + one row per kind (``group="per_kind"``), per target size (``"per_target_size"``) or
+    per slice content (``"per_slice_content"``)."""
+    label = {"per_kind": "kind", "per_target_size": "target share of the slice"}.get(group, "the slice shows")
     print(f"| {label} | {' | '.join(COLUMNS)} |")
     print("|---" * (len(COLUMNS) + 1) + "|")
     groups = sorted(report[group].items()) if group == "per_kind" else list(report[group].items())
@@ -63,6 +64,9 @@ def print_2d_report(report: dict, data) -> None:
     print_split_table(report)
     print(f"\n## The same pairs by target size (share of the {report['image_size']}^2 slice; positives only)")
     print_split_table(report, "per_target_size")
+    if report.get("per_slice_content"):  # reports written before it existed lack it
+        print("\n## The same pairs by what else the slice shows (positives only)")
+        print_split_table(report, "per_slice_content")
 
 
 def sample_dice(model_path: str | None) -> list[dict]:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +51,18 @@ def target_size_group(target_pixels: int, slice_pixels: int) -> str | None:
         return None
     share = target_pixels / slice_pixels
     return next(name for bound, name in TARGET_SIZE_GROUPS if share < bound)
+
+
+#: Slice-content groups of the 2D report (``per_slice_content``) for pairs with a non-empty target:
+#: only then must the words pick the lesion, when the slice also shows one they do not refer to.
+SLICE_CONTENT_GROUPS = ("only the target(s)", "another lesion too")
+
+
+def other_lesion_on_slice(z: int, targets: Iterable[int], lesion_slices: dict) -> bool:
+    """True when a lesion not in ``targets`` is on canonical slice ``z`` (``lesion_slices``: a
+    case's ``case_info(case)["lesions"]``, lesion id -> ``{"slices": [...]}``)."""
+    targets = {int(t) for t in targets}
+    return any(int(lesion) not in targets and z in info["slices"] for lesion, info in lesion_slices.items())
 
 
 def evenly_spaced(n: int, max_items: int | None) -> list[int]:
@@ -140,9 +152,11 @@ def evaluate_model(
 
     Returns:
         ``{"split", "items", "total_items", "image_size", "threshold", "overall": {...},
-        "per_kind": {kind: {...}}, "per_target_size": {group: {...}}}`` (JSON-serialisable;
-        ``per_target_size`` groups the pairs with a non-empty target by
-        :data:`TARGET_SIZE_GROUPS`).
+        "per_kind": {kind: {...}}, "per_target_size": {group: {...}}, "per_slice_content":
+        {group: {...}}}`` (JSON-serialisable; ``per_target_size`` groups the pairs with a non-empty
+        target by :data:`TARGET_SIZE_GROUPS`, ``per_slice_content`` by
+        :data:`SLICE_CONTENT_GROUPS`: whether the slice also shows a lesion the expression does
+        not refer to).
     """
     import numpy as np
     import torch
@@ -162,6 +176,10 @@ def evaluate_model(
     model.to(device).eval()
     accumulator = MetricAccumulator()
     sizes: list[str | None] = []  # target_size_group of each pair, in the accumulator's order
+    contents: list[str | None] = []  # its SLICE_CONTENT_GROUPS name (None for a negative pair)
+    slice_pairs = pairs.dataset  # the SliceDataset: its records and their cases' lesion slices
+    targets_of = {record["id"]: record.get("targets") or [] for record in slice_pairs.records}
+    lesions_of: dict[str, dict] = {}
     records: list[dict] = []  # per_pair: what identifies each pair, in the accumulator's order
     presence_hits = done = 0
     try:
@@ -177,6 +195,11 @@ def evaluate_model(
                 accumulator.update_batch(pred_np, target_np, kinds)
                 slice_pixels = target_np.shape[1] * target_np.shape[2]
                 sizes += [target_size_group(int(t.sum()), slice_pixels) for t in target_np]
+                for i, c, z, t in zip(batch["id"], batch["case"], batch["z"], target_np):
+                    if c not in lesions_of:
+                        lesions_of[c] = slice_pairs.dataset.case_info(c)["lesions"]
+                    crowded = other_lesion_on_slice(int(z), targets_of[i], lesions_of[c])
+                    contents.append(None if not t.any() else SLICE_CONTENT_GROUPS[int(crowded)])
                 if per_pair:
                     probs = torch.sigmoid(output.presence_logits.float()).cpu().tolist()
                     records += [
@@ -193,6 +216,8 @@ def evaluate_model(
     per_kind = computed.pop("per_kind", {})
     size_metrics = accumulator.compute_by(sizes)
     per_target_size = {name: size_metrics[name] for _, name in TARGET_SIZE_GROUPS if name in size_metrics}
+    content_metrics = accumulator.compute_by(contents)
+    per_slice_content = {name: content_metrics[name] for name in SLICE_CONTENT_GROUPS if name in content_metrics}
     overall = {**computed, "presence_accuracy": presence_hits / len(indices)}
     result = {
         "split": split,
@@ -203,6 +228,7 @@ def evaluate_model(
         "overall": overall,
         "per_kind": per_kind,
         "per_target_size": per_target_size,
+        "per_slice_content": per_slice_content,
     }
     if per_pair:
         result["pairs"] = [

@@ -136,15 +136,6 @@ def test_miou_at_the_full_models_negatives_empty_raises_the_presence_threshold()
     assert raised[0] is pairs[0] and raised[2] is pairs[2]  # kept or already empty: unchanged
 
 
-def test_other_lesion_on_slice_ignores_the_targets():
-    ablations = _load("ablations")
-    lesions = {"1": {"slices": [3, 4, 5]}, "2": {"slices": [5, 6]}}
-    assert not ablations.other_lesion_on_slice({"z": 4}, [1], lesions)  # only the target
-    assert ablations.other_lesion_on_slice({"z": 5}, [1], lesions)  # lesion 2 too
-    assert not ablations.other_lesion_on_slice({"z": 5}, [1, 2], lesions)  # both are targets
-    assert ablations.other_lesion_on_slice({"z": 6}, [1], lesions)
-
-
 def test_results_of_another_recipe_do_not_share_the_table(tmp_path):
     ablations = _load("ablations")
     run = {"data": "d", "image_size": 192, "in_slices": 3, "recipe": {"max_steps": 10000}}

@@ -95,6 +95,37 @@ def test_metrics_match_a_hand_computation(model, data_dir):
         assert metrics["n"] == len(mine) and metrics["mIoU"] == pytest.approx(float(np.mean(mine / pixels)))
 
 
+def test_slice_content_groups_split_the_positives_by_what_else_the_slice_shows(model, data_dir):
+    from lsms_core.data.dataset import ReferringDataset, SliceDataset
+    from lsms_core.evaluate import other_lesion_on_slice
+
+    lesions = {"1": {"slices": [3, 4, 5]}, "2": {"slices": [5, 6]}}
+    assert not other_lesion_on_slice(4, [1], lesions)  # only the target
+    assert other_lesion_on_slice(5, [1], lesions) and other_lesion_on_slice(6, [1], lesions)
+    assert not other_lesion_on_slice(5, [1, 2], lesions)  # both are targets
+    assert other_lesion_on_slice(5, [], lesions)
+
+    force_outputs(model, mask_logit=20.0, presence_logit=20.0)  # every pixel, "present"
+    report = evaluate_model(model, data_dir, "val")
+    pairs = SliceDataset(data_dir, "val", image_size=32)
+    info = ReferringDataset(data_dir).case_info
+    expected = {"only the target(s)": [], "another lesion too": []}
+    for i in range(len(pairs)):
+        item, record = pairs[i], pairs.records[pairs.items[i][0]]
+        area = float(item["mask"].sum())
+        if area:
+            crowded = any(
+                int(lesion) not in record["targets"] and pairs.items[i][1] in v["slices"]
+                for lesion, v in info(record["case"])["lesions"].items()
+            )
+            expected["another lesion too" if crowded else "only the target(s)"].append(area / (32 * 32))
+    assert all(expected.values()), "the tiny dataset should have both kinds of slices"
+    assert list(report["per_slice_content"]) == list(expected)
+    for name, ious in expected.items():
+        group = report["per_slice_content"][name]
+        assert group["n"] == len(ious) and group["mIoU"] == pytest.approx(float(np.mean(ious)))
+
+
 def test_target_size_groups():
     assert target_size_group(0, 1000) is None
     assert target_size_group(1, 10_000) == "< 0.05 %"  # 0.01 %
