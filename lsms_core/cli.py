@@ -160,27 +160,20 @@ def build_train_configs(args: argparse.Namespace):
 def _check_fine_tune_config(requested, saved, init_from: str) -> None:
     """Refuse options that would change a fine-tuned model's architecture or inputs.
 
-    With ``--init-from`` the saved model's config is kept except the training fields
-    (``train.TRAINING_FIELDS``: image size, loss weights, which text layers train) and modules that
-    may be switched on (``train.GROWABLE_MODULES``). Anything else the options ask for would be
-    dropped in silence; it is an error instead.
+    With ``--init-from`` the Trainer keeps the saved model's config except the training fields and
+    the modules it may switch on (:func:`lsms_core.train.merge_fine_tune_config`); anything else the
+    options ask for would be dropped in silence, so it is an error here.
     """
-    from lsms_core.train import GROWABLE_MODULES, TRAINING_FIELDS, switched_on
+    from lsms_core.train import merge_fine_tune_config
 
-    allowed = set(TRAINING_FIELDS)
-    for switch in switched_on(requested, saved):
-        allowed.update((switch, *GROWABLE_MODULES[switch]))
     wanted, kept = requested.to_dict(), saved.to_dict()
-    conflicts = [
-        f"{k}={wanted[k]!r} (the model has {kept.get(k)!r})"
-        for k in wanted
-        if k not in allowed and json.dumps(wanted[k]) != json.dumps(kept.get(k))
-    ]
-    if conflicts:
+    _, dropped = merge_fine_tune_config(kept, wanted)
+    if dropped:
+        conflicts = "; ".join(f"{k}={wanted[k]!r} (the model has {kept[k]!r})" for k in dropped)
         raise ValueError(
             f"--init-from {init_from}: fine-tuning keeps the model's architecture and inputs, so "
-            f"{'; '.join(conflicts)} cannot be applied. Drop those options (and --preset, whose "
-            "sizes are for new models), or train a new model without --init-from"
+            f"{conflicts} cannot be applied. Drop those options (and --preset, whose sizes are for "
+            "new models), or train a new model without --init-from"
         )
 
 

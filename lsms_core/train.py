@@ -90,6 +90,25 @@ def switched_on(requested, saved) -> list[str]:
     requested, saved = (c if isinstance(c, dict) else c.to_dict() for c in (requested, saved))
     return [switch for switch in GROWABLE_MODULES if requested.get(switch) and not saved.get(switch)]
 
+
+def merge_fine_tune_config(saved: dict, requested: dict) -> tuple[dict, list[str]]:
+    """The config a fine-tune trains, and what it drops of the request (``LSMSConfig`` dicts).
+
+    The saved model's config with the requested :data:`TRAINING_FIELDS` and the requested
+    :data:`GROWABLE_MODULES` switched on; the second value names (sorted) the other requested
+    fields whose values differ from the model's and are therefore not applied.
+    """
+    merged = dict(saved)
+    for name in TRAINING_FIELDS:
+        if name in requested and name in merged:
+            merged[name] = requested[name]
+    for switch in switched_on(requested, merged):
+        for name in (switch, *GROWABLE_MODULES[switch]):
+            merged[name] = requested[name]
+    dropped = sorted(k for k in requested if k in merged and requested[k] != merged[k])
+    return merged, dropped
+
+
 EVENTS = ("start", "step", "validation", "checkpoint", "end", "stopped")
 
 #: ``TrainConfig`` fields that may differ when a run is resumed: where and how fast it runs, how
@@ -580,14 +599,7 @@ class Trainer:
         _resolve_text_encoder_dir(saved, self.init_from)
         if self.model_config is None:
             return saved
-        merged = saved.to_dict()
-        requested = self.model_config.to_dict()
-        for name in TRAINING_FIELDS:
-            if name in requested and name in merged:
-                merged[name] = requested[name]
-        for switch in switched_on(requested, merged):
-            for name in (switch, *GROWABLE_MODULES[switch]):
-                merged[name] = requested[name]
+        merged, ignored = merge_fine_tune_config(saved.to_dict(), self.model_config.to_dict())
         if self.init_card.get("includes_text_encoder") and merged.get("text_trainable") == "frozen":
             logger.warning(
                 "%s has a fine-tuned text encoder; keeping text_trainable=%r so its weights stay in "
@@ -597,9 +609,6 @@ class Trainer:
             )
             merged["text_trainable"] = saved.text_trainable
             merged["text_trainable_layers"] = saved.text_trainable_layers
-        ignored = sorted(
-            k for k in requested if k not in TRAINING_FIELDS and k in merged and requested[k] != merged[k]
-        )
         if ignored:
             logger.info("init_from %s: its config wins for %s", self.init_from, ", ".join(ignored))
         return LSMSConfig.from_dict(merged)
