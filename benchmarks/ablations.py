@@ -286,13 +286,13 @@ def add_deltas(rows: list[dict], out: Path) -> None:
     if not full_report.is_file():
         return
     full_pairs = json.loads(full_report.read_text())["pairs"]
+    full_empty = float(np.mean([p["pred_area"] == 0 for p in full_pairs if not p["target_area"]]))
     for r in rows:
         report = out / r["variant"] / TEST_REPORT
         if r["variant"] != "full" and report.is_file():
             pairs = json.loads(report.read_text())["pairs"]
             r["vs_full"] = paired_delta(full_pairs, pairs)
             r["vs_full_empty"] = paired_delta(full_pairs, pairs, score="empty")
-            full_empty = float(np.mean([p["pred_area"] == 0 for p in full_pairs if not p["target_area"]]))
             matched = miou_at_negatives_empty(pairs, full_empty)
             if matched["threshold"] is not None:  # the same pairs with the answers that gate now vetoes
                 pairs = [vetoed(p, matched["threshold"]) for p in pairs]

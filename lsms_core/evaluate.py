@@ -196,10 +196,13 @@ def evaluate_model(
                 slice_pixels = target_np.shape[1] * target_np.shape[2]
                 sizes += [target_size_group(int(t.sum()), slice_pixels) for t in target_np]
                 for i, c, z, t in zip(batch["id"], batch["case"], batch["z"], target_np):
+                    if not t.any():  # a negative pair has no slice-content group
+                        contents.append(None)
+                        continue
                     if c not in lesions_of:
                         lesions_of[c] = slice_pairs.dataset.case_info(c)["lesions"]
                     crowded = other_lesion_on_slice(int(z), targets_of[i], lesions_of[c])
-                    contents.append(None if not t.any() else SLICE_CONTENT_GROUPS[int(crowded)])
+                    contents.append(SLICE_CONTENT_GROUPS[int(crowded)])
                 if per_pair:
                     probs = torch.sigmoid(output.presence_logits.float()).cpu().tolist()
                     records += [
@@ -217,7 +220,9 @@ def evaluate_model(
     size_metrics = accumulator.compute_by(sizes)
     per_target_size = {name: size_metrics[name] for _, name in TARGET_SIZE_GROUPS if name in size_metrics}
     content_metrics = accumulator.compute_by(contents)
-    per_slice_content = {name: content_metrics[name] for name in SLICE_CONTENT_GROUPS if name in content_metrics}
+    per_slice_content = {
+        name: content_metrics[name] for name in SLICE_CONTENT_GROUPS if name in content_metrics
+    }
     overall = {**computed, "presence_accuracy": presence_hits / len(indices)}
     result = {
         "split": split,
