@@ -308,14 +308,26 @@ def image_problem(layer: Any) -> str | None:
     return None
 
 
+class LayerVolume:
+    """An image layer's array and geometry, taken on the GUI thread; :meth:`load` builds the
+    :class:`lsms_core.io.Volume` (once) in a worker, so a lazily loaded (e.g. dask) image is read off
+    the GUI thread."""
+
+    def __init__(self, layer: Image):
+        self._data = layer.data
+        self._geometry = (dict(layer.metadata), tuple(layer.scale), tuple(layer.translate))
+        self._volume = None
+
+    def load(self):
+        if self._volume is None:
+            self._volume, _ = volume_for_layer_data(self._data, *self._geometry)
+        return self._volume
+
+
 @dataclass
 class SegmentRequest:
-    """Everything a segmentation job needs, gathered on the GUI thread.
-
-    The CT itself is only referenced here: :meth:`load_volume` builds the
-    :class:`lsms_core.io.Volume` in the job, so a lazily loaded (e.g. dask) image is read off the
-    GUI thread.
-    """
+    """Everything a segmentation job needs, gathered on the GUI thread (the CT only as a
+    :class:`LayerVolume`, read in the job)."""
 
     image: Image
     description: str
@@ -323,15 +335,7 @@ class SegmentRequest:
     model_version: str
     device: str
     slices: tuple[int, int] | None
-    layer_data: Any = None  # the image layer's array, as napari holds it
-    layer_geometry: tuple = (None, None, None)  # its (metadata, scale, translate)
-    volume: Any = None  # lsms_core.io.Volume, once loaded
-
-    def load_volume(self):
-        """The CT as a Volume (built once; reads lazy data)."""
-        if self.volume is None:
-            self.volume, _ = volume_for_layer_data(self.layer_data, *self.layer_geometry)
-        return self.volume
+    volume: LayerVolume
 
 
 @dataclass
@@ -666,14 +670,14 @@ class SegmentWidget(QWidget):
         if last.labels.data.shape != last.model_mask.shape:
             raise UserInputError(f"Labels layer {last.labels.name!r} changed shape since the segmentation")
         root = Path(self.corrections_edit.text().strip() or self._home() / "corrections")
-        data, geometry = last.image.data, (dict(last.image.metadata), last.image.scale, last.image.translate)
+        source = LayerVolume(last.image)
         corrected = (np.asarray(last.labels.data) == last.label).astype(np.uint8)
         image_ref = (last.image.metadata.get(GEOMETRY_KEY) or {}).get("path") or last.image.name
 
         def save():
             from lsms_core.data.corrections import CorrectionsDataset
 
-            volume, _ = volume_for_layer_data(data, *geometry)  # reads a lazy image off the GUI thread
+            volume = source.load()  # reads a lazy image off the GUI thread
 
             dataset = CorrectionsDataset(root)
             # Saving the same description of the same image again replaces the earlier record:
@@ -732,8 +736,7 @@ class SegmentWidget(QWidget):
             )
         return SegmentRequest(
             image=image,
-            layer_data=image.data,
-            layer_geometry=(dict(image.metadata), tuple(image.scale), tuple(image.translate)),
+            volume=LayerVolume(image),
             description=description,
             model_path=model_path,
             model_version=self.model_combo.currentData(Qt.ItemDataRole.UserRole + 1) or "",
@@ -794,7 +797,7 @@ class SegmentWidget(QWidget):
         if self._cancel.is_set():
             return None
         return segmenter.segment(
-            request.load_volume(),
+            request.volume.load(),
             request.description,
             slices=request.slices,
             progress=self._relay.progress.emit,
@@ -850,7 +853,7 @@ class SegmentWidget(QWidget):
         # Clears the description's old voxels in the segmented slices, also when nothing was found.
         voxels = merge_mask(data, mask, label, request.slices)
         labels.data = data
-        volume_ml = voxels * voxel_volume_ml(request.volume.spacing)
+        volume_ml = voxels * voxel_volume_ml(request.volume.load().spacing)
         model_version = str(getattr(result, "model_version", None) or request.model_version)
         book.record(
             description, label, model_version=model_version, voxels=voxels, volume_ml=volume_ml, found=found
