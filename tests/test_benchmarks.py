@@ -171,3 +171,24 @@ def test_threshold_sweep_at_one_half_matches_evaluate_model(tiny_config, tmp_pat
     closed = counts.metrics(0.3, 1.0)
     assert closed["positive_empty"] == 1.0 and closed["mIoU"] == 0.0
     assert closed["negative_accuracy"] in (1.0, None)
+
+
+def test_input_size_sweep_scores_each_model_at_each_size(tiny_config, tmp_path, capsys):
+    import dataclasses
+
+    from _datasets import make_tiny_dataset
+
+    from lsms_core.evaluate import evaluate_model
+    from lsms_core.model import LSMS
+
+    input_size = _load("input_size")
+    data = make_tiny_dataset(tmp_path / "tiny", cases=4)
+    model = LSMS(dataclasses.replace(tiny_config, image_size=32))
+    rows = input_size.sweep({"m": model}, data, "test", sizes=(32, 48))
+
+    assert [(r["model"], r["size"]) for r in rows] == [("m", 32), ("m", 48)]
+    assert rows[0]["report"] == evaluate_model(model, data, "test")  # its own size: the usual figures
+    assert rows[1]["report"]["image_size"] == 48 and model.config.image_size == 32
+    input_size.print_table(rows)
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + len(rows) and table[2].startswith("| m | 32 |")
