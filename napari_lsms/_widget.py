@@ -417,6 +417,7 @@ class SegmentWidget(QWidget):
         self._pbar = None
         self._image_ref = None  # weak reference to the image whose slice range the spin boxes hold
         self._named_layers: weakref.WeakSet = weakref.WeakSet()  # layers whose renames we follow
+        self._count_token = object()  # identifies the newest corrections count; older ones are dropped
         self.recent = RecentDescriptions(self._home() / "recent_descriptions.json")
 
         self._build_ui()
@@ -914,6 +915,7 @@ class SegmentWidget(QWidget):
     def _on_saved(self, payload) -> None:
         record, count = payload
         if not self.is_closed:
+            self._count_token = object()  # a count started before the save is out of date
             self.corrections_count.setText(str(count))
         record = record if isinstance(record, dict) else {}
         changed = record.get("changed_voxels", "?")
@@ -1031,17 +1033,21 @@ class SegmentWidget(QWidget):
         worker.start()
 
     def _refresh_corrections_count(self) -> None:
+        """Show how many records the corrections folder holds, counted in a worker (reading the
+        records is file I/O that grows with the dataset). A count that a newer one or a save has
+        overtaken is dropped."""
         root = Path(self.corrections_edit.text().strip())
-        count = 0
-        if (root / "expressions.jsonl").exists():
-            try:
-                from lsms_core.data.corrections import CorrectionsDataset
+        lifetime = self._lifetime
+        self._count_token = token = object()
 
-                count = len(CorrectionsDataset(root))
-            except Exception as exc:  # noqa: BLE001
-                self.corrections_count.setText(f"unreadable: {exc}")
-                return
-        self.corrections_count.setText(str(count))
+        def show(text: str) -> None:
+            if not lifetime.closed.is_set() and self._count_token is token:
+                self.corrections_count.setText(text)
+
+        worker = create_worker(_count_corrections, root, _ignore_errors=True)
+        worker.returned.connect(show)
+        self.corrections_count_worker = worker
+        worker.start()
 
     def _browse_corrections(self) -> None:
         folder = QFileDialog.getExistingDirectory(
@@ -1050,6 +1056,18 @@ class SegmentWidget(QWidget):
         if folder:
             self.corrections_edit.setText(folder)
             self._refresh_corrections_count()
+
+
+def _count_corrections(root: Path) -> str:
+    """The number of records in the corrections folder ``root`` as the widget shows it."""
+    if not (root / "expressions.jsonl").exists():
+        return "0"
+    try:
+        from lsms_core.data.corrections import CorrectionsDataset
+
+        return str(len(CorrectionsDataset(root)))
+    except Exception as exc:  # noqa: BLE001 - shown in the widget, not raised into Qt
+        return f"unreadable: {exc}"
 
 
 def _row(*widgets, as_layout: bool = False):

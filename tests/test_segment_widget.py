@@ -720,3 +720,53 @@ def test_a_lazy_image_is_read_in_the_worker_not_on_the_gui_thread(
     in_worker = {z for z, on_gui in reads[before:] if not on_gui}
     assert in_worker == set(range(data.shape[0]))  # the whole volume, off the GUI thread
     assert widget.last_result is not None and widget.last_result.description == FIRST
+
+
+def test_the_corrections_count_is_read_in_a_worker_and_a_stale_count_is_dropped(
+    make_napari_viewer, qtbot, lsms_home, model_path, ct_path, monkeypatch
+):
+    import threading
+
+    from lsms_core.data.corrections import CorrectionsDataset
+
+    counted_on = []
+
+    def slow_len(dataset):
+        counted_on.append(threading.current_thread() is threading.main_thread())
+        return 7
+
+    monkeypatch.setattr(CorrectionsDataset, "__len__", slow_len)
+    root = lsms_home / "corrections"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "expressions.jsonl").write_text("")
+
+    viewer, _ = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, model_path)
+    assert widget.corrections_edit.text() == str(root)
+    qtbot.waitUntil(lambda: widget.corrections_count.text() == "7", timeout=WAIT_MS)
+    assert counted_on == [False]  # counted off the GUI thread
+
+    # A folder that cannot be read says so (the count runs in a worker, the error is not raised).
+    monkeypatch.undo()
+    (root / "expressions.jsonl").write_text("{not json\n")
+    (root / "dataset.json").write_text("{}")
+    widget._refresh_corrections_count()
+    qtbot.waitUntil(lambda: widget.corrections_count.text().startswith("unreadable:"), timeout=WAIT_MS)
+
+    # A count overtaken by a save (which reports the new total itself) is not shown.
+    import napari_lsms._widget as widget_module
+
+    release = threading.Event()
+
+    def held_count(root):
+        release.wait(WAIT_MS / 1000)
+        return "99"
+
+    monkeypatch.setattr(widget_module, "_count_corrections", held_count)
+    widget._refresh_corrections_count()
+    worker = widget.corrections_count_worker
+    widget._on_saved(({}, 3))
+    with qtbot.waitSignal(worker.returned, timeout=WAIT_MS) as returned:
+        release.set()
+    assert returned.args == ["99"]
+    assert widget.corrections_count.text() == "3"
