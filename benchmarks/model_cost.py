@@ -13,12 +13,19 @@ once and shared by every variant. For each variant it prints
   not know, is counted with the standard attention formula). The text encoder is **not**
   included: it runs once per expression, not per slice; its cost is printed on a separate line;
 * CPU milliseconds per slice: batch ``--batch``, eval mode, no grad, text features precomputed,
-  median of ``--repeats`` runs after 3 warm-up runs.
+  median of ``--repeats`` runs after 3 warm-up runs, in torch's default memory layout.
+
+A second table times the shipped model (at its own input size) side by side in the layouts the library chooses between:
+the default layout, channels-last (``preferred_memory_format`` on CPU), and channels-last with the
+batch norms folded into the convolutions (``LSMS.fused_for_inference``), which is how
+:class:`~lsms_core.infer.Segmenter` and ``evaluate_model`` run it; it also prints the largest logit
+difference from the default layout.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -60,16 +67,44 @@ def slice_cost(model: LSMS, size: int, batch: int, repeats: int) -> tuple[float,
         text = model.encode_text([TEXT])
     one = torch.rand(1, model.config.in_slices, size, size)
     gflops = count_flops(lambda: model(one, text)) / 1e9
-    images = torch.rand(batch, model.config.in_slices, size, size)
-    texts = TextFeatures(*(t.expand(batch, *t.shape[1:]) for t in (text.words, text.mask, text.sentence)))
-    times = []
+    return gflops, _ms_per_slice(model, torch.rand(batch, model.config.in_slices, size, size), repeats)[0]
+
+
+def _ms_per_slice(model: LSMS, images: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
+    """(median CPU ms per slice over ``repeats`` runs after 3 warm-ups, the logits)."""
+    batch = images.shape[0]
     with torch.no_grad():
+        text = model.encode_text([TEXT])
+        texts = TextFeatures(*(t.expand(batch, *t.shape[1:]) for t in (text.words, text.mask, text.sentence)))
+        times = []
         for i in range(3 + repeats):
             start = time.perf_counter()
-            model(images, texts)
+            logits = model(images, texts).logits
             if i >= 3:
                 times.append(time.perf_counter() - start)
-    return gflops, statistics.median(times) / batch * 1000
+    return statistics.median(times) / batch * 1000, logits
+
+
+def layout_cost(model: LSMS, size: int, batch: int, repeats: int) -> list[tuple[str, float, float]]:
+    """``(layout, CPU ms per slice, max |logit difference| from the default layout)`` for the
+    layouts the library chooses between; ``model`` itself is not changed."""
+    model.eval()
+    images = torch.rand(batch, model.config.in_slices, size, size)
+    last = torch.channels_last
+    runs = {
+        "default layout": (copy.deepcopy(model), images),
+        "channels-last": (copy.deepcopy(model).to(memory_format=last), images.contiguous(memory_format=last)),
+        "channels-last + folded BN": (
+            model.fused_for_inference().to(memory_format=last),
+            images.contiguous(memory_format=last),
+        ),
+    }
+    rows, reference = [], None
+    for name, (runner, inputs) in runs.items():
+        ms, logits = _ms_per_slice(runner, inputs, repeats)
+        reference = logits if reference is None else reference
+        rows.append((name, ms, float((logits - reference).abs().max())))
+    return rows
 
 
 def main(argv=None) -> None:
@@ -106,6 +141,20 @@ def main(argv=None) -> None:
             f"{name:<20} {counts['trainable'] / 1e6:>11.2f} {counts['text_encoder'] / 1e6:>10.2f} "
             f"{gflops:>12.2f} {ms:>12.1f}"
         )
+
+    from lsms_core.checkpoint import load_model
+
+    shipped = load_model(None)
+    print(
+        f"\nthe shipped model ({shipped.config.image_size} x {shipped.config.image_size} input, batch "
+        f"{args.batch}) by memory layout; the last row is how Segmenter and evaluate_model run it"
+    )
+    header = f"{'layout':<27} {'CPU ms/slice':>12} {'speed-up':>8} {'max |logit diff|':>16}"
+    print(header)
+    print("-" * len(header))
+    rows = layout_cost(shipped, shipped.config.image_size, args.batch, args.repeats)
+    for name, ms, diff in rows:
+        print(f"{name:<27} {ms:>12.1f} {rows[0][1] / ms:>7.2f}x {diff:>16.1e}")
 
 
 if __name__ == "__main__":

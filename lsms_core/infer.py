@@ -211,7 +211,6 @@ class Segmenter:
         batch_size: int = 8,
         min_lesion_mm3: float = 20.0,
     ):
-        import torch
 
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
@@ -220,9 +219,11 @@ class Segmenter:
             from lsms_core.checkpoint import load_model
 
             model = load_model(None if model is None else Path(model), device=str(self.device))
-        # channels-last runs the convolutions ~25% faster on CPU (oneDNN), same results.
-        self.memory_format = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=self.memory_format).eval()
+        from lsms_core.model import preferred_memory_format
+
+        self.memory_format = preferred_memory_format(self.device)
+        # batch norm folded into the convolutions: same masks, faster (the given model is untouched)
+        self.model = model.fused_for_inference().to(self.device, memory_format=self.memory_format)
         self.config = model.config
         self.batch_size = batch_size
         self.min_lesion_mm3 = float(min_lesion_mm3)

@@ -30,6 +30,7 @@ the loss (``LSMSOutput.visual_map``), because the model cannot know the target a
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -42,11 +43,39 @@ from torch import nn
 from lsms_core._common import dataclass_from_dict
 from lsms_core.text_encoder import TRAINABLE_MODES, TextFeatures, encode_texts, load_text_encoder
 
-__all__ = ["LSMSConfig", "LSMS", "LSMSOutput", "TextFeatures", "SVLABlock", "FullScaleDecoder", "RefinementHead"]
+__all__ = [
+    "LSMSConfig",
+    "LSMS",
+    "LSMSOutput",
+    "TextFeatures",
+    "SVLABlock",
+    "FullScaleDecoder",
+    "RefinementHead",
+    "preferred_memory_format",
+]
 
 DECODERS = ("fsd", "unet")
 #: Output strides of the four encoder stages.
 STRIDES = (4, 8, 16, 32)
+
+
+
+def preferred_memory_format(device) -> torch.memory_format:
+    """The memory format the model runs fastest in on ``device``.
+
+    Channels-last on CPU: oneDNN runs the convolutions without layout conversions, which makes a
+    forward pass about 40 % faster and a training step about 25 % faster here, with the same
+    results (``benchmarks/model_cost.py`` prints the side-by-side figure). The default format
+    elsewhere.
+    """
+    return torch.channels_last if torch.device(device).type == "cpu" else torch.contiguous_format
+
+
+def _memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """``channels_last`` for a 4D tensor laid out channels-last (and not also plain contiguous, as a
+    one-channel tensor is), else the default format."""
+    channels_last = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if channels_last and not t.is_contiguous() else torch.contiguous_format
 
 
 # --------------------------------------------------------------------------------------------------
@@ -585,6 +614,25 @@ class LSMS(nn.Module):
             self.text_encoder.eval()
         return self
 
+    def fused_for_inference(self) -> LSMS:
+        """An eval-mode copy for inference with every ``Conv2d -> BatchNorm2d`` pair of its
+        :class:`ConvNormAct` blocks folded into one convolution (``torch.nn.utils.fusion``).
+
+        The outputs equal this model's in eval mode up to float rounding; the forward pass is about
+        10 % faster on CPU. The copy has no batch norm left in those blocks, so it is for inference
+        only; this model is left as it is. The text encoder and tokenizer are shared, not copied
+        (the copy's ``eval()`` puts the shared encoder in eval mode too).
+        """
+        from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+        shared = {id(self.text_encoder): self.text_encoder, id(self.tokenizer): self.tokenizer}
+        fused = copy.deepcopy(self, shared).eval()
+        for block in fused.modules():
+            if isinstance(block, ConvNormAct) and isinstance(block[1], nn.BatchNorm2d):
+                block[0] = fuse_conv_bn_eval(block[0], block[1])
+                block[1] = nn.Identity()
+        return fused
+
     def count_parameters(self) -> dict[str, int]:
         """``{"trainable": trainable params outside the text encoder, "text_encoder": all its params,
         "text_encoder_trainable": its trainable params}``."""
@@ -649,7 +697,9 @@ class LSMS(nn.Module):
         ys = torch.linspace(-1.0, 1.0, h, device=images.device, dtype=images.dtype)
         xs = torch.linspace(-1.0, 1.0, w, device=images.device, dtype=images.dtype)
         grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=0)
-        return grid.unsqueeze(0).expand(b, -1, -1, -1)
+        # In the images' memory format, so the concatenated input (and every later concatenation
+        # with it) stays channels-last on CPU instead of being converted back and forth.
+        return grid.unsqueeze(0).expand(b, -1, -1, -1).contiguous(memory_format=_memory_format_of(images))
 
     def forward(self, images: torch.Tensor, text: list[str] | str | TextFeatures) -> LSMSOutput:
         self._check_images(images)

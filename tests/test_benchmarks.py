@@ -192,3 +192,29 @@ def test_input_size_sweep_scores_each_model_at_each_size(tiny_config, tmp_path, 
     input_size.print_table(rows)
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 2 + len(rows) and table[2].startswith("| m | 32 |")
+
+
+def test_layout_cost_times_each_layout_on_copies_with_the_same_logits(tiny_config):
+    import dataclasses
+
+    import torch
+
+    from lsms_core.model import LSMS
+
+    model_cost = _load("model_cost")
+    model = LSMS(dataclasses.replace(tiny_config, in_slices=3, refine_head=True))
+    with torch.no_grad():  # trained-looking batch-norm statistics, so folding them is not a no-op
+        for norm in model.modules():
+            if isinstance(norm, torch.nn.BatchNorm2d):
+                norm.running_var.fill_(2.0)
+                norm.running_mean.fill_(0.3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    rows = model_cost.layout_cost(model, size=32, batch=2, repeats=1)
+
+    assert [name for name, _, _ in rows] == ["default layout", "channels-last", "channels-last + folded BN"]
+    assert all(ms > 0 for _, ms, _ in rows)
+    assert rows[0][2] == 0.0 and all(diff < 1e-3 for _, _, diff in rows)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert next(model.encoder.parameters()).is_contiguous()  # the model itself keeps its layout

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lsms_core.losses import LSMSLoss
-from lsms_core.model import LSMS, LSMSConfig, LSMSOutput
+from lsms_core.model import LSMS, ConvNormAct, LSMSConfig, LSMSOutput, preferred_memory_format
 from lsms_core.testing import tiny_config as make_tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -112,6 +112,70 @@ def test_single_string_is_used_for_every_image(tiny_model):
         a = model(images, "the lesion").logits
         b = model(images, ["the lesion", "the lesion"]).logits
     torch.testing.assert_close(a, b)
+
+
+def _randomise_batch_norm(model: LSMS, seed: int = 0) -> None:
+    """Give every BatchNorm2d non-trivial statistics and affine weights, as after training."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in model.modules():
+            if isinstance(norm, torch.nn.BatchNorm2d):
+                n = norm.num_features
+                norm.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                norm.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                norm.weight.copy_(torch.randn(n, generator=g) * 0.3 + 1.0)
+                norm.bias.copy_(torch.randn(n, generator=g) * 0.3)
+
+
+def _conv_norm_blocks_with_batch_norm(model: LSMS) -> int:
+    return sum(
+        isinstance(block, ConvNormAct) and isinstance(block[1], torch.nn.BatchNorm2d) for block in model.modules()
+    )
+
+
+def test_fused_for_inference_gives_the_same_outputs_and_leaves_the_model_alone(tiny_config):
+    model = LSMS(dataclasses.replace(tiny_config, in_slices=3, refine_head=True))
+    _randomise_batch_norm(model)
+    model.eval()
+    images = torch.rand(2, 3, 64, 64)
+    texts = ["the small lesion", "all lesions in the left lobe"]
+    with torch.no_grad():
+        expected = model(images, texts)
+    blocks = _conv_norm_blocks_with_batch_norm(model)
+    assert blocks >= 10  # stem, decoder levels and the refinement head
+
+    fused = model.fused_for_inference()
+    with torch.no_grad():
+        got = fused(images, texts)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.presence_logits, expected.presence_logits, atol=1e-4, rtol=1e-4)
+    assert _conv_norm_blocks_with_batch_norm(fused) == 0
+    assert not fused.training
+    # the model keeps its batch norms and its own weights; only the text encoder is shared
+    assert _conv_norm_blocks_with_batch_norm(model) == blocks
+    assert fused.text_encoder is model.text_encoder
+    text_ids = {id(p) for p in model.text_encoder.parameters()}
+    own = {id(p) for p in model.parameters()} - text_ids
+    assert own.isdisjoint(id(p) for p in fused.parameters())
+    model.train()
+    _backward(model)  # still trainable
+
+
+def test_channels_last_gives_the_same_outputs_and_stays_channels_last(tiny_config):
+    assert preferred_memory_format("cpu") == torch.channels_last
+    assert preferred_memory_format("cuda") == torch.contiguous_format
+    model = LSMS(dataclasses.replace(tiny_config, in_slices=3, refine_head=True)).eval()
+    images = torch.rand(2, 3, 48, 64)
+    with torch.no_grad():
+        expected = model(images, "the lesion")
+        model.to(memory_format=torch.channels_last)
+        images_cl = images.contiguous(memory_format=torch.channels_last)
+        got = model(images_cl, "the lesion")
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=1e-4)
+    # the coordinate channels follow the images' layout, so the concatenated input is not
+    # converted back to the default layout before every convolution
+    assert LSMS._coords(images_cl).is_contiguous(memory_format=torch.channels_last)
+    assert LSMS._coords(images).is_contiguous()
 
 
 def test_long_text_is_truncated_with_a_warning(tiny_encoder_dir):
