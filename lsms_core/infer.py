@@ -160,9 +160,14 @@ def postprocess(
             f"postprocess: prob must be (z, y, x) and presence (z,), got {prob.shape} and {presence.shape}"
         )
     binary = (prob >= threshold) & (presence >= presence_threshold)[:, None, None]
+    mask = np.zeros(prob.shape, dtype=np.uint8)
+    box = _bounding_box(binary)
+    if box is None:
+        return mask
+    # Label only inside the box around the foreground: a lesion is a small part of a CT, and
+    # labelling the whole volume cost over a second per 512 x 512 x 100 CT.
+    binary, prob = binary[box], prob[box]
     labels, n = ndimage.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
-    if n == 0:
-        return np.zeros(prob.shape, dtype=np.uint8)
     index = np.arange(1, n + 1)
     if singular:
         scores = ndimage.sum_labels(prob, labels, index)
@@ -170,7 +175,19 @@ def postprocess(
     else:
         sizes = ndimage.sum_labels(binary, labels, index)
         keep = index[sizes >= min_size].tolist()
-    return np.isin(labels, keep).astype(np.uint8)
+    mask[box] = np.isin(labels, keep)
+    return mask
+
+
+def _bounding_box(binary: np.ndarray) -> tuple[slice, ...] | None:
+    """The smallest box holding every True voxel of ``binary``, or None when there is none."""
+    box = []
+    for axis in range(binary.ndim):
+        hits = np.flatnonzero(binary.any(axis=tuple(a for a in range(binary.ndim) if a != axis)))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)
 
 
 def body_slices(

@@ -196,6 +196,30 @@ def test_postprocess_plural_keeps_components_above_min_size():
     assert only_big.sum() == 40 and only_big[1:3, 10:14, 10:15].all()
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_postprocess_labels_inside_the_foreground_box_as_over_the_whole_volume(seed):
+    """Random blobs anywhere in the volume, edges included: the kept mask is what labelling the whole
+    volume gives."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(seed)
+    prob = ndimage.gaussian_filter(rng.random((12, 40, 50)).astype(np.float32), 1.0)
+    prob = ((prob - prob.min()) / (prob.max() - prob.min())) ** 2
+    presence = rng.random(12) + 0.3
+    binary = (prob >= 0.5) & (presence >= 0.5)[:, None, None]
+    labels, n = ndimage.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
+    assert n >= 2
+    index = np.arange(1, n + 1)
+    best = index[np.argmax(ndimage.sum_labels(prob, labels, index))]
+    big = index[ndimage.sum_labels(binary, labels, index) >= 10]
+
+    np.testing.assert_array_equal(postprocess(prob, presence, singular=True), labels == best)
+    np.testing.assert_array_equal(
+        postprocess(prob, presence, singular=False, min_size=10), np.isin(labels, big)
+    )
+    assert not postprocess(prob * 0.4, presence, singular=True).any()
+
+
 def test_postprocess_presence_gates_slices():
     prob = _two_blobs()
     presence = np.ones(6)
