@@ -239,8 +239,9 @@ class Segmenter:
         from lsms_core.model import preferred_memory_format
 
         self.memory_format = preferred_memory_format(self.device)
-        # batch norm folded into the convolutions: same masks, faster (the given model is untouched)
-        self.model = model.fused_for_inference().to(self.device, memory_format=self.memory_format)
+        # Batch norm folded into the convolutions: the same masks, faster. A given model is moved to
+        # the device (as before) but otherwise left as it is; the copy shares its text encoder.
+        self.model = model.to(self.device).fused_for_inference().to(memory_format=self.memory_format)
         self.config = model.config
         self.batch_size = batch_size
         self.min_lesion_mm3 = float(min_lesion_mm3)

@@ -168,6 +168,36 @@ def test_segmenter_loads_a_model_file(model3, tmp_path):
     assert result.elapsed_s > 0 and set(result.timings) == {"prepare", "model", "postprocess"}
 
 
+def test_segmenter_runs_a_folded_copy_and_leaves_a_given_model_trainable(tiny_encoder_dir):
+    """The Segmenter folds batch norm into a copy; the caller's model keeps its batch norms and
+    training mode, and the copy's probabilities match the model's own eval-mode forward pass."""
+    import torch
+
+    from lsms_core.data.dataset import resize_mask_back
+    from lsms_core.model import LSMS, ConvNormAct
+    from lsms_core.testing import tiny_config
+
+    model3 = LSMS(tiny_config(tiny_encoder_dir, in_slices=3)).train()
+    with torch.no_grad():  # statistics as after training, so that folding them is not a no-op
+        for norm in model3.modules():
+            if isinstance(norm, torch.nn.BatchNorm2d):
+                norm.running_var.fill_(3.0)
+                norm.running_mean.fill_(-0.2)
+    seg = Segmenter(model3, device="cpu")
+    assert seg.model is not model3 and seg.model.text_encoder is model3.text_encoder
+    assert model3.training and all(
+        isinstance(block[1], torch.nn.BatchNorm2d) for block in model3.modules() if isinstance(block, ConvNormAct)
+    )
+    ct = _ct()
+    result = seg.segment(ct, "the lesion", return_probability=True)
+    model3.eval()
+    todo = np.flatnonzero(body_slices(ct))
+    with torch.inference_mode():
+        logits = model3(torch.from_numpy(_prepare(ct, todo, model3.config)), "the lesion").logits
+    expected = resize_mask_back(torch.sigmoid(logits[:, 0]).numpy(), ct.shape[1:])
+    np.testing.assert_allclose(result.probability[todo], expected, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # postprocess (pure)
 # --------------------------------------------------------------------------------------------
