@@ -84,6 +84,28 @@ TRAINING_FIELDS = (
 GROWABLE_MODULES: dict[str, tuple[str, ...]] = {"refine_head": ("refine_dim",)}
 GROWABLE_FIELDS = tuple(f for switch, sizes in GROWABLE_MODULES.items() for f in (switch, *sizes))
 
+#: ``in_slices`` may grow when fine-tuning (more through-plane context, never less): the
+#: convolutions that read the input get zero weights for the new outer slices, so the widened model
+#: starts exactly where the saved one was (see :func:`widen_input_weight`).
+WIDENABLE_FIELD = "in_slices"
+
+
+def widen_input_weight(weight, saved_slices: int, slices: int, trailing: int):
+    """A convolution weight ``(out, in, kh, kw)`` whose last ``trailing`` input channels are the
+    model input (``saved_slices`` adjacent slices, then the coordinate channels), widened to
+    ``slices`` adjacent slices: each saved slice keeps its weights at its offset from the centre
+    slice (:func:`~lsms_core.data.dataset.adjacent_slices`), the new outer slices get zeros."""
+    import torch
+
+    extra = slices - saved_slices
+    lead = weight.shape[1] - trailing  # channels before the input block (refinement head features)
+    shift = slices // 2 - saved_slices // 2
+    widened = torch.zeros(weight.shape[0], weight.shape[1] + extra, *weight.shape[2:], dtype=weight.dtype)
+    widened[:, :lead] = weight[:, :lead]
+    widened[:, lead + shift : lead + shift + saved_slices] = weight[:, lead : lead + saved_slices]
+    widened[:, lead + slices :] = weight[:, lead + saved_slices :]  # coordinate channels
+    return widened
+
 
 def switched_on(requested, saved) -> list[str]:
     """The :data:`GROWABLE_MODULES` switches on in ``requested`` but off in ``saved`` (configs or dicts)."""
@@ -94,9 +116,10 @@ def switched_on(requested, saved) -> list[str]:
 def merge_fine_tune_config(saved: dict, requested: dict) -> tuple[dict, list[str]]:
     """The config a fine-tune trains, and what it drops of the request (``LSMSConfig`` dicts).
 
-    The saved model's config with the requested :data:`TRAINING_FIELDS` and the requested
-    :data:`GROWABLE_MODULES` switched on; the second value names (sorted) the other requested
-    fields whose values differ from the model's and are therefore not applied.
+    The saved model's config with the requested :data:`TRAINING_FIELDS`, the requested
+    :data:`GROWABLE_MODULES` switched on and a larger requested ``in_slices``; the second value
+    names (sorted) the other requested fields whose values differ from the model's and are
+    therefore not applied.
     """
     merged = dict(saved)
     for name in TRAINING_FIELDS:
@@ -105,6 +128,8 @@ def merge_fine_tune_config(saved: dict, requested: dict) -> tuple[dict, list[str
     for switch in switched_on(requested, merged):
         for name in (switch, *GROWABLE_MODULES[switch]):
             merged[name] = requested[name]
+    if requested.get(WIDENABLE_FIELD, 0) > merged.get(WIDENABLE_FIELD, 0):
+        merged[WIDENABLE_FIELD] = requested[WIDENABLE_FIELD]
     dropped = sorted(k for k in requested if k in merged and requested[k] != merged[k])
     return merged, dropped
 
@@ -622,7 +647,7 @@ class Trainer:
         from lsms_core.text_encoder import apply_trainable_policy
 
         model = load_model(self.init_from, device=device)
-        if switched_on(config, model.config):
+        if switched_on(config, model.config) or config.in_slices != model.config.in_slices:
             model = self._grow(model, config).to(device)
         model.config = config
         apply_trainable_policy(model.text_encoder, config.text_trainable, config.text_trainable_layers)
@@ -632,12 +657,24 @@ class Trainer:
     @staticmethod
     def _grow(saved: LSMS, config: LSMSConfig) -> LSMS:
         """A model built from ``config`` holding every weight of ``saved``; only the modules that
-        ``GROWABLE_FIELDS`` switched on are new (and start as no-ops)."""
+        ``GROWABLE_FIELDS`` switched on are new (and start as no-ops), and with a larger
+        ``in_slices`` the convolutions reading the input are widened (:func:`widen_input_weight`)."""
         from lsms_core.model import LSMS
 
         new_modules = tuple(f"{switch}." for switch in switched_on(config, saved.config))
         grown = LSMS(config, text_encoder=saved.text_encoder, tokenizer=saved.tokenizer)
-        missing, unexpected = grown.load_state_dict(saved.state_dict(), strict=False)
+        state = saved.state_dict()
+        extra = config.in_slices - saved.config.in_slices
+        if extra:
+            targets = grown.state_dict()
+            trailing = saved.config.in_slices + (2 if saved.config.coord_channels else 0)
+            for key, value in state.items():
+                wanted = targets.get(key)
+                if wanted is not None and value.dim() == 4 and wanted.shape[1] == value.shape[1] + extra:
+                    state[key] = widen_input_weight(
+                        value, saved.config.in_slices, config.in_slices, trailing
+                    ).to(value.device)
+        missing, unexpected = grown.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith(new_modules) for k in missing):
             raise ValueError(
                 f"cannot grow the saved model into the requested config (missing {missing[:5]}, "

@@ -398,6 +398,36 @@ def test_fine_tune_can_grow_a_saved_model_with_the_refinement_head(small_config,
     assert load_model(tmp_path / "ft" / "model.safetensors").refine_head is not None
 
 
+def test_fine_tune_can_widen_a_saved_model_to_more_adjacent_slices(small_config, data_dir, tmp_path):
+    """3 -> 5 slices with the refinement head (whose last conv also reads the input): the widened
+    model answers exactly as the saved one whatever the new outer slices hold, then trains."""
+    from lsms_core.checkpoint import load_model, save_model
+    from lsms_core.model import LSMS
+    from lsms_core.train import merge_fine_tune_config
+
+    torch.manual_seed(0)
+    three = dataclasses.replace(small_config, in_slices=3, refine_head=True, refine_dim=4)
+    base = save_model(LSMS(three), tmp_path / "base.safetensors")
+    saved = load_model(base).eval()
+    five = dataclasses.replace(three, in_slices=5)
+    trainer = Trainer(five, fast_config(max_steps=1), data_dir, tmp_path / "ft", init_from=base)
+    widened = trainer._build_model(trainer._resolve_model_config(), torch.device("cpu")).eval()
+    assert widened.config.in_slices == 5
+    middle = torch.rand(2, 3, 32, 32)
+    outer = torch.rand(2, 1, 32, 32) * 5.0
+    images = torch.cat([outer, middle, -outer], dim=1)
+    with torch.no_grad():
+        expected = saved(middle, "the lesion")
+        got = widened(images, "the lesion")
+    torch.testing.assert_close(got.logits, expected.logits)
+    torch.testing.assert_close(got.presence_logits, expected.presence_logits)
+    assert trainer.fit()["step"] == 1
+    assert load_model(tmp_path / "ft" / "model.safetensors").config.in_slices == 5
+    # fewer slices than the model has are not applied (the saved value wins and is reported)
+    merged, dropped = merge_fine_tune_config(five.to_dict(), three.to_dict())
+    assert merged["in_slices"] == 5 and dropped == ["in_slices"]
+
+
 def test_growable_switches_only_turn_on(small_config):
     from lsms_core.train import GROWABLE_FIELDS, switched_on
 
