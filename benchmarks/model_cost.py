@@ -182,7 +182,9 @@ def main(argv=None) -> None:
     for name, ms, diff in rows:
         print(f"{name:<27} {ms:>12.1f} {rows[0][1] / ms:>7.2f}x {diff:>16.1e}")
 
-    print(f"\nthe shipped model's training step (forward + loss + backward, batch {args.batch}) by memory layout")
+    print(
+        f"\nthe shipped model's training step (forward + loss + backward, batch {args.batch}) by memory layout"
+    )
     header = f"{'layout':<27} {'CPU ms/step':>12} {'speed-up':>8}"
     print(header)
     print("-" * len(header))

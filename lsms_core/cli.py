@@ -452,7 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cuda, mps or cpu (default: auto)")
     p.add_argument("--image-size", type=int, help="model input size in pixels (default: the preset's)")
     p.add_argument(
-        "--in-slices", type=int, help="adjacent slices per input, odd: 1, 3, 5... (with --init-from: only more than the model has)"
+        "--in-slices",
+        type=int,
+        help="adjacent slices per input, odd: 1, 3, 5... (with --init-from: only more than the model has)",
     )
     p.add_argument(
         "--text-encoder", help="local Hugging Face BERT-family folder (default: MiniLM; new models only)"

@@ -228,7 +228,6 @@ class Segmenter:
         batch_size: int = 8,
         min_lesion_mm3: float = 20.0,
     ):
-
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.device = resolve_device(device)

@@ -59,7 +59,6 @@ DECODERS = ("fsd", "unet")
 STRIDES = (4, 8, 16, 32)
 
 
-
 def preferred_memory_format(device) -> torch.memory_format:
     """The memory format the model runs fastest in on ``device``.
 
@@ -619,9 +618,10 @@ class LSMS(nn.Module):
         :class:`ConvNormAct` blocks folded into one convolution (``torch.nn.utils.fusion``).
 
         The outputs equal this model's in eval mode up to float rounding; the forward pass is about
-        8 % faster on CPU (``benchmarks/model_cost.py``). The copy has no batch norm left in those blocks, so it is for inference
-        only; this model is left as it is. The text encoder and tokenizer are shared, not copied
-        (the copy's ``eval()`` puts the shared encoder in eval mode too).
+        8 % faster on CPU (``benchmarks/model_cost.py``). The copy has no batch norm left in those
+        blocks, so it is for inference only; this model is left as it is. The text encoder and
+        tokenizer are shared, not copied (the copy's ``eval()`` puts the shared encoder in eval mode
+        too).
         """
         from torch.nn.utils.fusion import fuse_conv_bn_eval
 

@@ -186,7 +186,9 @@ def test_segmenter_runs_a_folded_copy_and_leaves_a_given_model_trainable(tiny_en
     seg = Segmenter(model3, device="cpu")
     assert seg.model is not model3 and seg.model.text_encoder is model3.text_encoder
     assert model3.training and all(
-        isinstance(block[1], torch.nn.BatchNorm2d) for block in model3.modules() if isinstance(block, ConvNormAct)
+        isinstance(block[1], torch.nn.BatchNorm2d)
+        for block in model3.modules()
+        if isinstance(block, ConvNormAct)
     )
     ct = _ct()
     result = seg.segment(ct, "the lesion", return_probability=True)

@@ -129,7 +129,8 @@ def _randomise_batch_norm(model: LSMS, seed: int = 0) -> None:
 
 def _conv_norm_blocks_with_batch_norm(model: LSMS) -> int:
     return sum(
-        isinstance(block, ConvNormAct) and isinstance(block[1], torch.nn.BatchNorm2d) for block in model.modules()
+        isinstance(block, ConvNormAct) and isinstance(block[1], torch.nn.BatchNorm2d)
+        for block in model.modules()
     )
 
 
