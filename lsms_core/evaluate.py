@@ -173,10 +173,10 @@ def evaluate_model(
     loader = DataLoader(pairs, batch_size=batch_size, shuffle=False)
 
     device = torch.device(device)
-    was_training = model.training
-    model.to(device).eval()
+    was_training = model.training  # restored after: the runner shares (and evals) the text encoder
+    model.to(device)
     memory_format = preferred_memory_format(device)
-    runner = model.fused_for_inference().to(memory_format=memory_format)  # faster; same masks
+    runner = model.fused_for_inference().to(memory_format=memory_format)  # eval mode; same masks, faster
     accumulator = MetricAccumulator()
     sizes: list[str | None] = []  # target_size_group of each pair, in the accumulator's order
     contents: list[str | None] = []  # its SLICE_CONTENT_GROUPS name (None for a negative pair)

@@ -161,9 +161,10 @@ def postprocess(
         )
     binary = (prob >= threshold) & (presence >= presence_threshold)[:, None, None]
     mask = np.zeros(prob.shape, dtype=np.uint8)
-    box = _bounding_box(binary)
-    if box is None:
+    boxes = ndimage.find_objects(binary.view(np.uint8))  # [] when nothing is above the thresholds
+    if not boxes:
         return mask
+    box = boxes[0]
     # Label only inside the box around the foreground: a lesion is a small part of a CT, and
     # labelling the whole volume cost over a second per 512 x 512 x 100 CT.
     binary, prob = binary[box], prob[box]
@@ -177,17 +178,6 @@ def postprocess(
         keep = index[sizes >= min_size].tolist()
     mask[box] = np.isin(labels, keep)
     return mask
-
-
-def _bounding_box(binary: np.ndarray) -> tuple[slice, ...] | None:
-    """The smallest box holding every True voxel of ``binary``, or None when there is none."""
-    box = []
-    for axis in range(binary.ndim):
-        hits = np.flatnonzero(binary.any(axis=tuple(a for a in range(binary.ndim) if a != axis)))
-        if hits.size == 0:
-            return None
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
 
 
 def body_slices(

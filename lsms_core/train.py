@@ -95,12 +95,10 @@ def widen_input_weight(weight, saved_slices: int, slices: int, trailing: int):
     model input (``saved_slices`` adjacent slices, then the coordinate channels), widened to
     ``slices`` adjacent slices: each saved slice keeps its weights at its offset from the centre
     slice (:func:`~lsms_core.data.dataset.adjacent_slices`), the new outer slices get zeros."""
-    import torch
-
     extra = slices - saved_slices
     lead = weight.shape[1] - trailing  # channels before the input block (refinement head features)
     shift = slices // 2 - saved_slices // 2
-    widened = torch.zeros(weight.shape[0], weight.shape[1] + extra, *weight.shape[2:], dtype=weight.dtype)
+    widened = weight.new_zeros(weight.shape[0], weight.shape[1] + extra, *weight.shape[2:])
     widened[:, :lead] = weight[:, :lead]
     widened[:, lead + shift : lead + shift + saved_slices] = weight[:, lead : lead + saved_slices]
     widened[:, lead + slices :] = weight[:, lead + saved_slices :]  # coordinate channels
@@ -671,9 +669,7 @@ class Trainer:
             for key, value in state.items():
                 wanted = targets.get(key)
                 if wanted is not None and value.dim() == 4 and wanted.shape[1] == value.shape[1] + extra:
-                    state[key] = widen_input_weight(
-                        value, saved.config.in_slices, config.in_slices, trailing
-                    ).to(value.device)
+                    state[key] = widen_input_weight(value, saved.config.in_slices, config.in_slices, trailing)
         missing, unexpected = grown.load_state_dict(state, strict=False)
         if unexpected or any(not k.startswith(new_modules) for k in missing):
             raise ValueError(
