@@ -86,6 +86,22 @@ def make_tiny_text_encoder(
     return folder
 
 
+def randomise_batch_norm(model, seed: int = 0) -> None:
+    """Give every ``BatchNorm2d`` of ``model`` non-trivial statistics and affine weights, as after
+    training, so that folding them into the convolutions is not a no-op."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for norm in model.modules():
+            if isinstance(norm, torch.nn.BatchNorm2d):
+                n = norm.num_features
+                norm.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+                norm.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                norm.weight.copy_(torch.randn(n, generator=g) * 0.3 + 1.0)
+                norm.bias.copy_(torch.randn(n, generator=g) * 0.3)
+
+
 def tiny_config(text_encoder_dir: str | os.PathLike, **overrides):
     """A tiny, fast :class:`~lsms_core.model.LSMSConfig` using the encoder in ``text_encoder_dir``.
 

@@ -200,14 +200,11 @@ def test_layout_cost_times_each_layout_on_copies_with_the_same_logits(tiny_confi
     import torch
 
     from lsms_core.model import LSMS
+    from lsms_core.testing import randomise_batch_norm
 
     model_cost = _load("model_cost")
     model = LSMS(dataclasses.replace(tiny_config, in_slices=3, refine_head=True))
-    with torch.no_grad():  # trained-looking batch-norm statistics, so folding them is not a no-op
-        for norm in model.modules():
-            if isinstance(norm, torch.nn.BatchNorm2d):
-                norm.running_var.fill_(2.0)
-                norm.running_mean.fill_(0.3)
+    randomise_batch_norm(model)  # so that folding them is not a no-op
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     rows = model_cost.layout_cost(model, size=32, batch=2, repeats=1)

@@ -175,14 +175,10 @@ def test_segmenter_runs_a_folded_copy_and_leaves_a_given_model_trainable(tiny_en
 
     from lsms_core.data.dataset import resize_mask_back
     from lsms_core.model import LSMS, ConvNormAct
-    from lsms_core.testing import tiny_config
+    from lsms_core.testing import randomise_batch_norm, tiny_config
 
     model3 = LSMS(tiny_config(tiny_encoder_dir, in_slices=3)).train()
-    with torch.no_grad():  # statistics as after training, so that folding them is not a no-op
-        for norm in model3.modules():
-            if isinstance(norm, torch.nn.BatchNorm2d):
-                norm.running_var.fill_(3.0)
-                norm.running_mean.fill_(-0.2)
+    randomise_batch_norm(model3)  # as after training, so that folding them is not a no-op
     seg = Segmenter(model3, device="cpu")
     assert seg.model is not model3 and seg.model.text_encoder is model3.text_encoder
     assert model3.training and all(

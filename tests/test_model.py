@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from lsms_core.losses import LSMSLoss
 from lsms_core.model import LSMS, ConvNormAct, LSMSConfig, LSMSOutput, preferred_memory_format
+from lsms_core.testing import randomise_batch_norm
 from lsms_core.testing import tiny_config as make_tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,19 +115,6 @@ def test_single_string_is_used_for_every_image(tiny_model):
     torch.testing.assert_close(a, b)
 
 
-def _randomise_batch_norm(model: LSMS, seed: int = 0) -> None:
-    """Give every BatchNorm2d non-trivial statistics and affine weights, as after training."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for norm in model.modules():
-            if isinstance(norm, torch.nn.BatchNorm2d):
-                n = norm.num_features
-                norm.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
-                norm.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-                norm.weight.copy_(torch.randn(n, generator=g) * 0.3 + 1.0)
-                norm.bias.copy_(torch.randn(n, generator=g) * 0.3)
-
-
 def _conv_norm_blocks_with_batch_norm(model: LSMS) -> int:
     return sum(
         isinstance(block, ConvNormAct) and isinstance(block[1], torch.nn.BatchNorm2d)
@@ -136,7 +124,7 @@ def _conv_norm_blocks_with_batch_norm(model: LSMS) -> int:
 
 def test_fused_for_inference_gives_the_same_outputs_and_leaves_the_model_alone(tiny_config):
     model = LSMS(dataclasses.replace(tiny_config, in_slices=3, refine_head=True))
-    _randomise_batch_norm(model)
+    randomise_batch_norm(model)
     model.eval()
     images = torch.rand(2, 3, 64, 64)
     texts = ["the small lesion", "all lesions in the left lobe"]
