@@ -71,19 +71,25 @@ def slice_cost(model: LSMS, size: int, batch: int, repeats: int) -> tuple[float,
     return gflops, _ms_per_slice(model, torch.rand(batch, model.config.in_slices, size, size), repeats)[0]
 
 
+def _median_ms(run, warmups: int, repeats: int):
+    """(median milliseconds of ``run()`` over ``repeats`` calls after ``warmups`` calls, its last result)."""
+    times = []
+    for i in range(warmups + repeats):
+        start = time.perf_counter()
+        result = run()
+        if i >= warmups:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000, result
+
+
 def _ms_per_slice(model: LSMS, images: torch.Tensor, repeats: int) -> tuple[float, torch.Tensor]:
     """(median CPU ms per slice over ``repeats`` runs after 3 warm-ups, the logits)."""
     batch = images.shape[0]
     with torch.no_grad():
         text = model.encode_text([TEXT])
         texts = TextFeatures(*(t.expand(batch, *t.shape[1:]) for t in (text.words, text.mask, text.sentence)))
-        times = []
-        for i in range(3 + repeats):
-            start = time.perf_counter()
-            logits = model(images, texts).logits
-            if i >= 3:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times) / batch * 1000, logits
+        ms, logits = _median_ms(lambda: model(images, texts).logits, 3, repeats)
+    return ms / batch, logits
 
 
 def layout_cost(model: LSMS, size: int, batch: int, repeats: int) -> list[tuple[str, float, float]]:
@@ -93,7 +99,7 @@ def layout_cost(model: LSMS, size: int, batch: int, repeats: int) -> list[tuple[
     images = torch.rand(batch, model.config.in_slices, size, size)
     last = torch.channels_last
     runs = {
-        "default layout": (copy.deepcopy(model), images),
+        "default layout": (model, images),  # run as it is: nothing below changes it
         "channels-last": (copy.deepcopy(model).to(memory_format=last), images.contiguous(memory_format=last)),
         "channels-last + folded BN": (
             model.fused_for_inference().to(memory_format=last),
@@ -122,14 +128,12 @@ def train_step_cost(model: LSMS, size: int, batch: int, repeats: int) -> list[tu
         inputs = images.contiguous(memory_format=layout)
         with torch.no_grad():
             text = trainee.encode_text([TEXT] * batch)
-        times = []
-        for i in range(2 + repeats):
-            start = time.perf_counter()
+
+        def step(trainee=trainee, inputs=inputs, text=text) -> None:
             trainee.zero_grad(set_to_none=True)
             loss_fn(trainee(inputs, text), masks)["loss"].backward()
-            if i >= 2:
-                times.append(time.perf_counter() - start)
-        rows.append((name, statistics.median(times) * 1000))
+
+        rows.append((name, _median_ms(step, 2, repeats)[0]))
     return rows
 
 
