@@ -158,46 +158,6 @@ def test_report(run: Path, model_path: str, data: Path) -> dict:
     return evaluate_path(model_path, data, "test", json_out=path, per_pair=True)
 
 
-def paired_delta(
-    base: list[dict], other: list[dict], boots: int = 2000, seed: int = 0, *, score: str = "iou"
-) -> dict:
-    """score(other) - score(base) over the pairs both scored, with a 95 % interval from a
-    bootstrap over test *cases* (pairs of one case are not independent).
-
-    ``score="iou"``: the mean IoU of the positive pairs (mIoU); ``score="empty"``: the share of
-    negative pairs answered with an empty mask ("neg. empty").
-    """
-    import numpy as np
-
-    def scores(pairs):
-        if score == "iou":
-            return {
-                (p["id"], p["z"]): (p["case"], p["intersection"] / p["union"])
-                for p in pairs
-                if p["target_area"]
-            }
-        if score == "empty":
-            return {
-                (p["id"], p["z"]): (p["case"], float(p["pred_area"] == 0))
-                for p in pairs
-                if not p["target_area"]
-            }
-        raise ValueError(f"score must be 'iou' or 'empty', got {score!r}")
-
-    a, b = scores(base), scores(other)
-    keys = sorted(a.keys() & b.keys())
-    cases = sorted({a[k][0] for k in keys})
-    index = {c: i for i, c in enumerate(cases)}
-    sums, counts = np.zeros(len(cases)), np.zeros(len(cases))
-    for k in keys:
-        sums[index[a[k][0]]] += b[k][1] - a[k][1]
-        counts[index[a[k][0]]] += 1
-    draws = np.random.default_rng(seed).integers(0, len(cases), size=(boots, len(cases)))
-    boot = sums[draws].sum(1) / counts[draws].sum(1)
-    lo, hi = np.percentile(boot, [2.5, 97.5])
-    return {"delta": float(sums.sum() / counts.sum()), "lo": float(lo), "hi": float(hi), "cases": len(cases)}
-
-
 def title(run_args: dict) -> str:
     """The table's first line, from the saved arguments (older files hold the recipe flags directly)."""
     r = run_args.get("recipe") or run_args
@@ -281,6 +241,8 @@ def add_deltas(rows: list[dict], out: Path) -> None:
     """Each variant's mIoU and neg. empty minus the full model's (``vs_full``, ``vs_full_empty``),
     from the saved test reports, when the full model's report is there."""
     import numpy as np
+
+    from lsms_core.evaluate import paired_delta
 
     full_report = out / "full" / TEST_REPORT
     if not full_report.is_file():

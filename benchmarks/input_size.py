@@ -8,7 +8,10 @@ Each model is evaluated with :func:`lsms_core.evaluate.evaluate_model` at each `
 side (``image_size``; the weights are size-independent, the slices and targets are resized to it
 and scored there) on the same evenly spaced subset of the split's pairs. The table gives the overall
 figures and mIoU per target size (:data:`lsms_core.evaluate.TARGET_SIZE_GROUPS`), so it shows where a
-size helps (small targets) and where it hurts. Choose on ``val``; score the choice on ``test``.
+size helps (small targets) and where it hurts; ``Δ mIoU`` is each row's mIoU minus the first row's over
+the same pairs, with a 95 % interval from a bootstrap over the split's cases
+(:func:`lsms_core.evaluate.paired_delta`): an interval that holds 0 is no measured difference.
+Choose on ``val``; score the choice on ``test``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ def sweep(models: dict, data, split: str, sizes, max_items: int | None = None) -
     for name, model in models.items():
         for size in sizes:
             start = time.perf_counter()
-            report = evaluate_model(model, data, split, image_size=size, max_items=max_items)
+            report = evaluate_model(model, data, split, image_size=size, max_items=max_items, per_pair=True)
             rows.append(
                 {"model": name, "size": int(size), "seconds": time.perf_counter() - start, "report": report}
             )
@@ -36,8 +39,11 @@ def sweep(models: dict, data, split: str, sizes, max_items: int | None = None) -
 
 
 def print_table(rows: list[dict]) -> None:
+    from lsms_core.evaluate import paired_delta
+
     groups = list(rows[0]["report"]["per_target_size"])
-    header = ["model", "input", "n", *OVERALL, *(f"mIoU {g}" for g in groups), "s"]
+    header = ["model", "input", "n", *OVERALL, "Δ mIoU [95 %]", *(f"mIoU {g}" for g in groups), "s"]
+    first = rows[0]["report"]["pairs"]
     print("| " + " | ".join(header) + " |")
     print("|---" * len(header) + "|")
     for row in rows:
@@ -45,6 +51,8 @@ def print_table(rows: list[dict]) -> None:
         overall = report["overall"]
         cells = [row["model"], str(row["size"]), str(overall["n"])]
         cells += [_cell(overall.get(c)) for c in OVERALL]
+        delta = paired_delta(first, report["pairs"])
+        cells.append(f"{delta['delta']:+.3f} [{delta['lo']:+.3f}, {delta['hi']:+.3f}]")
         cells += [_cell(report["per_target_size"].get(g, {}).get("mIoU")) for g in groups]
         cells.append(f"{row['seconds']:.0f}")
         print("| " + " | ".join(cells) + " |")

@@ -74,7 +74,7 @@ def test_ablation_title_names_the_budget_and_reads_old_results():
 
 
 def test_paired_delta_is_the_mean_iou_difference_with_a_case_bootstrap():
-    ablations = _load("ablations")
+    from lsms_core.evaluate import paired_delta
 
     def pair(case, z, inter, union, target=1):
         return {
@@ -89,18 +89,18 @@ def test_paired_delta_is_the_mean_iou_difference_with_a_case_bootstrap():
 
     base = [pair("a", 0, 1, 2), pair("a", 1, 0, 1), pair("b", 0, 1, 1), pair("b", 1, 0, 0, target=0)]
     other = [pair("a", 0, 1, 1), pair("a", 1, 1, 1), pair("b", 0, 1, 2), pair("b", 1, 0, 3, target=0)]
-    d = ablations.paired_delta(base, other, boots=500)
+    d = paired_delta(base, other, boots=500)
     # positives: a0 0.5 -> 1, a1 0 -> 1, b0 1 -> 0.5; the negative b1 is left out
     assert d["delta"] == (0.5 + 1.0 - 0.5) / 3 and d["cases"] == 2
     assert d["lo"] <= d["delta"] <= d["hi"]
     # bootstrap over 2 cases: either both (1/3), only a (0.75) or only b (-0.5)
     assert d["lo"] >= -0.5 and d["hi"] <= 0.75
-    assert ablations.paired_delta(base, base)["delta"] == 0.0
+    assert paired_delta(base, base)["delta"] == 0.0
     # negatives: b1 empty in base (pred 0), not in other (pred 3): neg. empty falls by 1 on 1 pair
-    e = ablations.paired_delta(base, other, boots=500, score="empty")
+    e = paired_delta(base, other, boots=500, score="empty")
     assert e["delta"] == -1.0 and e["cases"] == 1 and e["lo"] == e["hi"] == -1.0
     with pytest.raises(ValueError, match="score"):
-        ablations.paired_delta(base, other, score="dice")
+        paired_delta(base, other, score="dice")
 
 
 def test_miou_at_the_full_models_negatives_empty_raises_the_presence_threshold():
@@ -187,11 +187,13 @@ def test_input_size_sweep_scores_each_model_at_each_size(tiny_config, tmp_path, 
     rows = input_size.sweep({"m": model}, data, "test", sizes=(32, 48))
 
     assert [(r["model"], r["size"]) for r in rows] == [("m", 32), ("m", 48)]
-    assert rows[0]["report"] == evaluate_model(model, data, "test")  # its own size: the usual figures
+    # its own size: the usual figures, with the per-pair records the paired Δ mIoU needs
+    assert rows[0]["report"] == evaluate_model(model, data, "test", per_pair=True)
     assert rows[1]["report"]["image_size"] == 48 and model.config.image_size == 32
     input_size.print_table(rows)
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 2 + len(rows) and table[2].startswith("| m | 32 |")
+    assert "| +0.000 [+0.000, +0.000] |" in table[2]  # the first row against itself
 
 
 def test_layout_cost_times_each_layout_on_copies_with_the_same_logits(tiny_config):
