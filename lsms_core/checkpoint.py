@@ -2,9 +2,11 @@
 
 A model file is always a pair written atomically (see :mod:`lsms_core._atomic`):
 
-* ``NAME.safetensors``: the model's state dict. The text encoder's weights are included only when
-  the encoder is trainable (``config.text_trainable != "frozen"``); a frozen encoder is loaded
-  from its own folder (``config.text_encoder``) and its weights would only be duplicated.
+* ``NAME.safetensors``: the model's state dict. Of the text encoder it holds only what
+  ``config.text_trainable`` lets train (nothing when frozen, the last ``text_trainable_layers``
+  layers for ``last_k``, everything for ``full``; :func:`lsms_core.text_encoder.trainable_prefixes`);
+  the rest is loaded from the encoder's own folder (``config.text_encoder``), where it would only
+  be duplicated.
 * ``NAME.json``: the sidecar, ``{"format": "lsms-model", "format_version": 1, "config": {...},
   "metrics": {...}, "data_fingerprint": ..., "code_version": ..., "created": ISO time,
   "version": str, "includes_text_encoder": bool, "extra": {...}}``.
@@ -171,6 +173,24 @@ def _includes_text_encoder(config) -> bool:
     return getattr(config, "text_trainable", "frozen") != "frozen"
 
 
+def _stored_names(model: LSMS) -> set[str]:
+    """The state-dict names a model file holds: all but the text encoder's untrainable weights."""
+    from lsms_core.text_encoder import trainable_prefixes
+
+    config = model.config
+    prefixes = tuple(
+        TEXT_ENCODER_PREFIX + prefix
+        for prefix in trainable_prefixes(
+            model.text_encoder, config.text_trainable, config.text_trainable_layers
+        )
+    )
+    return {
+        name
+        for name in model.state_dict()
+        if not name.startswith(TEXT_ENCODER_PREFIX) or name.startswith(prefixes)
+    }
+
+
 def save_model(
     model: LSMS,
     path: str | os.PathLike,
@@ -190,8 +210,8 @@ def save_model(
         extra: any further JSON-serialisable information, stored under ``"extra"``.
         version: a version string; defaults to the creation time ``YYYY.MM.DD-HHMMSS``.
 
-    The text encoder's weights are stored only when it is trainable (``includes_text_encoder`` in
-    the sidecar says which). A relative ``config.text_encoder`` folder that exists from the working
+    Of the text encoder only its trainable part is stored (``includes_text_encoder`` in the sidecar
+    says whether there is one). A relative ``config.text_encoder`` folder that exists from the working
     directory (e.g. the folder :func:`load_model` found beside the model it loaded) is stored as an
     absolute path, so the new file loads from anywhere. Both files are written atomically, weights first.
     """
@@ -210,12 +230,12 @@ def write_weights(model: LSMS, path: str | os.PathLike, metadata: dict[str, str]
     from safetensors.torch import save_file
 
     path = Path(path)
-    include_text = _includes_text_encoder(model.config)
+    stored = _stored_names(model)
     # Clone so that tied/shared tensors become independent (safetensors refuses shared storage).
     tensors = {
         name: tensor.detach().to("cpu").contiguous().clone()
         for name, tensor in model.state_dict().items()
-        if include_text or not name.startswith(TEXT_ENCODER_PREFIX)
+        if name in stored
     }
     header = {
         **{str(k): str(v) for k, v in (metadata or {}).items()},
@@ -360,8 +380,12 @@ def _resolve_text_encoder_dir(config, weights: Path) -> None:
     )
 
 
-def _check_weights_match(expected: dict, found: dict, weights: Path, include_text: bool) -> None:
-    expected = {k: v for k, v in expected.items() if include_text or not k.startswith(TEXT_ENCODER_PREFIX)}
+def _check_weights_match(expected: dict, found: dict, weights: Path, stored: set[str]) -> None:
+    """``found`` (the file's names and shapes) must hold the ``stored`` names of ``expected`` (the
+    model's); more of the model's text-encoder weights may be there (files of earlier versions kept
+    the whole encoder of a ``last_k`` model)."""
+    extra_text = {k for k in expected if k.startswith(TEXT_ENCODER_PREFIX)} & set(found)
+    expected = {k: v for k, v in expected.items() if k in stored or k in extra_text}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     shapes = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
@@ -428,13 +452,15 @@ def load_model(
         raise ValueError(
             f"the config in {sidecar_path(weights)} is invalid ({err}); restore the model card"
         ) from err
-    include_text = bool(card.get("includes_text_encoder", _includes_text_encoder(config)))
     if text_encoder is None:
         _resolve_text_encoder_dir(config, weights)
 
     model = LSMS(config, text_encoder=text_encoder, tokenizer=tokenizer)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    _check_weights_match(expected, header, weights, include_text)
+    stored = _stored_names(model)
+    if not card.get("includes_text_encoder", True):  # a frozen encoder's weights are never stored
+        stored = {k for k in stored if not k.startswith(TEXT_ENCODER_PREFIX)}
+    _check_weights_match(expected, header, weights, stored)
 
     from safetensors.torch import load_file
 

@@ -122,8 +122,9 @@ def load_text_encoder(
     return encoder, tokenizer
 
 
-def _encoder_layers(encoder) -> list:
-    """The transformer layers of a BERT-family model (``encoder.layer`` for BERT/RoBERTa/MiniLM...)."""
+def _encoder_layers(encoder) -> tuple[str, list]:
+    """The transformer layers of a BERT-family model and their attribute path (``"encoder.layer"``
+    for BERT/RoBERTa/MiniLM...)."""
     for path in ("encoder.layer", "transformer.layer", "layers", "encoder.layers"):
         obj = encoder
         for attr in path.split("."):
@@ -131,11 +132,29 @@ def _encoder_layers(encoder) -> list:
             if obj is None:
                 break
         if obj is not None:
-            return list(obj)
+            return path, list(obj)
     raise ValueError(
         f"cannot find the transformer layers of {type(encoder).__name__} for text_trainable='last_k'; "
         "use text_trainable='frozen' or 'full' with this encoder."
     )
+
+
+def trainable_prefixes(encoder, trainable: str, trainable_layers: int = 2) -> tuple[str, ...]:
+    """Name prefixes (in ``encoder.state_dict()``) of what ``trainable`` lets train: ``()`` when
+    frozen, ``("",)`` (everything) when full, the last ``trainable_layers`` layers for last_k.
+
+    A saved model stores exactly these weights of its encoder; the rest comes from the encoder's
+    own folder (:mod:`lsms_core.checkpoint`).
+    """
+    if trainable not in TRAINABLE_MODES:
+        raise ValueError(f"text_trainable must be one of {TRAINABLE_MODES}, got {trainable!r}")
+    if trainable == "frozen":
+        return ()
+    if trainable == "full":
+        return ("",)
+    path, layers = _encoder_layers(encoder)
+    k = min(int(trainable_layers), len(layers))
+    return tuple(f"{path}.{i}." for i in range(len(layers) - k, len(layers)))
 
 
 def apply_trainable_policy(encoder, trainable: str, trainable_layers: int = 2) -> None:
@@ -144,14 +163,9 @@ def apply_trainable_policy(encoder, trainable: str, trainable_layers: int = 2) -
     The pooler (if any) is always frozen: LSMS mean-pools the word features and never uses it, so
     trainable pooler weights would never receive a gradient.
     """
-    if trainable not in TRAINABLE_MODES:
-        raise ValueError(f"text_trainable must be one of {TRAINABLE_MODES}, got {trainable!r}")
-    encoder.requires_grad_(trainable == "full")
-    if trainable == "last_k":
-        layers = _encoder_layers(encoder)
-        k = min(int(trainable_layers), len(layers))
-        for layer in layers[len(layers) - k :]:
-            layer.requires_grad_(True)
+    prefixes = trainable_prefixes(encoder, trainable, trainable_layers)
+    for name, param in encoder.named_parameters():
+        param.requires_grad_(name.startswith(prefixes))
     pooler = getattr(encoder, "pooler", None)
     if pooler is not None:
         pooler.requires_grad_(False)

@@ -77,6 +77,41 @@ def test_trainable_text_encoder_is_stored_and_restored(tiny_config, tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_last_k_model_stores_only_its_trainable_text_layers(tiny_config, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lsms_core.model import LSMS
+
+    tiny_config.text_trainable, tiny_config.text_trainable_layers = "last_k", 1
+    model = LSMS(tiny_config)
+    with torch.no_grad():  # fine-tuned: the last layer differs from the encoder's folder
+        for p in model.text_encoder.encoder.layer[-1].parameters():
+            p.add_(0.01)
+    path = save_model(model, tmp_path / "ft.safetensors")
+    with safe_open(str(path), framework="pt") as fh:
+        text_names = {k for k in fh.keys() if k.startswith("text_encoder.")}
+    last = "text_encoder.encoder.layer.1."
+    assert text_names and all(k.startswith(last) for k in text_names)
+    assert text_names == {
+        "text_encoder." + k for k in model.text_encoder.state_dict() if k.startswith("encoder.layer.1.")
+    }
+
+    loaded = load_model(path)  # the first layer from the folder, the last from the file
+    for name, value in model.text_encoder.state_dict().items():
+        assert torch.equal(value, loaded.text_encoder.state_dict()[name]), name
+    np.testing.assert_allclose(_forward(loaded).numpy(), _forward(model.eval()).numpy(), rtol=1e-5, atol=1e-6)
+
+    # a file of an earlier version held the whole encoder: it still loads
+    whole = {k: v.contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(whole, str(path), metadata={"format": "pt", checkpoint._META_FORMAT_KEY: checkpoint.FORMAT})
+    loaded = load_model(path)
+    assert torch.equal(
+        loaded.text_encoder.encoder.layer[-1].output.dense.weight,
+        model.text_encoder.encoder.layer[-1].output.dense.weight,
+    )
+
+
 def test_not_an_lsms_model(tiny_model, tmp_path):
     fake = tmp_path / "random.safetensors"
     fake.write_bytes(np.random.default_rng(0).bytes(4096))
