@@ -223,3 +223,46 @@ def test_layout_cost_times_each_layout_on_copies_with_the_same_logits(tiny_confi
     assert all(ms > 0 for _, ms in steps)
     assert all(torch.equal(model.state_dict()[k], before[k]) for k in before)
     assert model.encoder.stem[0][0].weight.grad is None  # the steps ran on copies
+
+
+def test_component_rules_pick_by_sum_mean_peak_or_size():
+    import numpy as np
+
+    rule = _load("component_rule")
+    candidates = np.zeros((6, 12, 12), dtype=np.uint8)
+    prob = np.zeros(candidates.shape, dtype=np.float32)
+    candidates[0:4, 0:6, 0:6] = 1  # large and unsure: the highest summed probability
+    prob[0:4, 0:6, 0:6] = 0.6
+    candidates[5, 9:11, 9:11] = 1  # small and sure
+    prob[5, 9:11, 9:11] = 0.95
+    large, small = np.zeros(candidates.shape, bool), np.zeros(candidates.shape, bool)
+    large[0:4, 0:6, 0:6], small[5, 9:11, 9:11] = True, True
+
+    assert np.array_equal(rule.select(candidates, prob, "sum", "the lesion"), large)
+    assert np.array_equal(rule.select(candidates, prob, "mean", "the lesion"), small)
+    assert np.array_equal(rule.select(candidates, prob, "peak", "the lesion"), small)
+    assert np.array_equal(rule.select(candidates, prob, "size_rank", "the smallest lesion"), small)
+    assert np.array_equal(rule.select(candidates, prob, "size_rank", "the largest lesion"), large)
+    assert np.array_equal(rule.select(candidates, prob, "size_rank", "the hypodense lesion"), large)
+    assert np.array_equal(rule.select(candidates, prob, "keep_all", "the lesion"), large | small)
+    with pytest.raises(ValueError, match="unknown rule"):
+        rule.select(candidates, prob, "median", "the lesion")
+
+
+def test_component_rule_compare_reproduces_the_segmenter_with_sum(tiny_config, tmp_path, capsys):
+    import dataclasses
+
+    from _datasets import make_tiny_dataset
+
+    from lsms_core.evaluate import evaluate_volumes
+    from lsms_core.model import LSMS
+
+    rule = _load("component_rule")
+    data = make_tiny_dataset(tmp_path / "tiny", cases=4)
+    model = LSMS(dataclasses.replace(tiny_config, image_size=32))
+    report = rule.compare(model, data, "test")  # raises if "sum" differs from the Segmenter's masks
+    assert set(report["rules"]) == set(rule.RULES)
+    assert report["rules"]["sum"]["overall"] == evaluate_volumes(model, data, "test")["overall"]
+    rule.print_table(report)
+    table = capsys.readouterr().out.splitlines()
+    assert len(table) == 2 + len(rule.RULES) and table[2].startswith("| sum |")
