@@ -73,13 +73,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lsms_core.checkpoint import load_model
+    from lsms_core.checkpoint import load_model, read_model_card
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); split {args.split}")
     models, shared = {}, {}
     for path in args.models:
-        model = load_model(path, **shared)
-        shared = {"text_encoder": model.text_encoder, "tokenizer": model.tokenizer}
+        frozen_text = not read_model_card(path).get("includes_text_encoder")
+        model = load_model(path, **(shared if frozen_text else {}))
+        if frozen_text and not shared:  # only the package's encoder is shared, never a fine-tuned one
+            shared = {"text_encoder": model.text_encoder, "tokenizer": model.tokenizer}
         models[path] = model
         print(f"{path}: trained at image_size {model.config.image_size}")
     rows = sweep(models, args.data, args.split, args.sizes, max_items=args.max_items or None)

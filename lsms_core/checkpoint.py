@@ -425,7 +425,9 @@ def load_model(
         path: ``NAME.safetensors`` (or ``NAME.json`` / ``NAME``).
         device: torch device for the returned model (in eval mode).
         text_encoder, tokenizer: inject an already loaded encoder (tests, sharing between models);
-            otherwise it is loaded from ``config.text_encoder``.
+            otherwise it is loaded from ``config.text_encoder``. When the file holds text-encoder
+            weights of its own (a fine-tuned encoder), they go into a copy: the injected encoder,
+            and every model sharing it, stay as they were.
 
     Raises:
         FileNotFoundError: no such file, no shipped default yet, or the text-encoder folder is missing.
@@ -452,13 +454,18 @@ def load_model(
         raise ValueError(
             f"the config in {sidecar_path(weights)} is invalid ({err}); restore the model card"
         ) from err
+    own_text = bool(card.get("includes_text_encoder", _includes_text_encoder(config)))
     if text_encoder is None:
         _resolve_text_encoder_dir(config, weights)
+    elif own_text:
+        import copy
+
+        text_encoder = copy.deepcopy(text_encoder)
 
     model = LSMS(config, text_encoder=text_encoder, tokenizer=tokenizer)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     stored = _stored_names(model)
-    if not card.get("includes_text_encoder", True):  # a frozen encoder's weights are never stored
+    if not own_text:  # a frozen encoder's weights are never stored
         stored = {k for k in stored if not k.startswith(TEXT_ENCODER_PREFIX)}
     _check_weights_match(expected, header, weights, stored)
 

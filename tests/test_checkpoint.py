@@ -112,6 +112,29 @@ def test_last_k_model_stores_only_its_trainable_text_layers(tiny_config, tmp_pat
     )
 
 
+def test_a_fine_tuned_encoder_never_overwrites_a_shared_one(tiny_config, tmp_path):
+    from lsms_core.model import LSMS
+
+    frozen = save_model(LSMS(tiny_config), tmp_path / "frozen.safetensors")
+    tiny_config.text_trainable = "full"
+    tuned = LSMS(tiny_config)
+    with torch.no_grad():
+        for p in tuned.text_encoder.parameters():
+            p.add_(0.01)
+    tuned_path = save_model(tuned, tmp_path / "tuned.safetensors")
+
+    first = load_model(frozen)
+    before = {k: v.clone() for k, v in first.text_encoder.state_dict().items()}
+    second = load_model(tuned_path, text_encoder=first.text_encoder, tokenizer=first.tokenizer)
+    for name, value in first.text_encoder.state_dict().items():  # the shared encoder is untouched
+        assert torch.equal(value, before[name]), name
+    assert not any(p.requires_grad for p in first.text_encoder.parameters())
+    for name, value in tuned.text_encoder.state_dict().items():  # the loaded model has its own
+        assert torch.equal(value, second.text_encoder.state_dict()[name]), name
+    third = load_model(frozen, text_encoder=first.text_encoder, tokenizer=first.tokenizer)
+    assert third.text_encoder is first.text_encoder  # frozen models still share
+
+
 def test_not_an_lsms_model(tiny_model, tmp_path):
     fake = tmp_path / "random.safetensors"
     fake.write_bytes(np.random.default_rng(0).bytes(4096))
