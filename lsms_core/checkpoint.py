@@ -481,3 +481,44 @@ def load_model(
     model.load_state_dict(state, strict=False)  # completeness was checked above
     model.model_card = card  # version/metrics for SegmentationResult and model pickers
     return model.to(device).eval()
+
+
+def average_models(paths: list[str | os.PathLike] | tuple, device: str = "cpu") -> LSMS:
+    """The element-wise mean of the weights of models of one architecture (a "model soup",
+    Wortsman et al. 2022): typically fine-tunes of one model, which average into a model at least as
+    good as each and cost nothing more to run.
+
+    The first model's config (e.g. its ``image_size``) and text encoder are kept; every saved
+    weight is averaged, batch-norm running statistics included (integer counters are the first
+    model's). The models must have the same weights (names and shapes) and the same text encoder
+    (``includes_text_encoder``); anything else is a ``ValueError`` before averaging.
+    """
+    import torch
+
+    if len(paths) < 2:
+        raise ValueError(f"average_models needs at least two model files, got {len(paths)}")
+    first = load_model(paths[0], device=device)
+    # load_model copies a shared encoder for a file with its own encoder weights, so sharing is safe
+    shared = {"text_encoder": first.text_encoder, "tokenizer": first.tokenizer}
+    names = sorted(_stored_names(first))
+    reference = first.state_dict()
+    sums = {k: reference[k].double() for k in names if reference[k].is_floating_point()}
+    mine = {k: tuple(reference[k].shape) for k in names}
+    for path in paths[1:]:
+        other = load_model(path, device=device, **shared)
+        state = other.state_dict()
+        theirs = {k: tuple(state[k].shape) for k in _stored_names(other)}
+        if theirs != mine:
+            differ = sorted(k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k))
+            raise ValueError(
+                f"cannot average {paths[0]} and {path}: their weights differ in names or shapes (e.g. "
+                f"{', '.join(differ[:3])}); average models of one architecture that train the same "
+                "parts, such as fine-tunes of one model"
+            )
+        for k in sums:
+            sums[k] += state[k].double()
+    averaged = {k: (v / len(paths)).to(reference[k].dtype) for k, v in sums.items()}
+    with torch.no_grad():
+        first.load_state_dict(averaged, strict=False)
+    del first.model_card  # a new model: its card is written when it is saved
+    return first

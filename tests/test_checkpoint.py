@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -247,3 +248,36 @@ def test_model_with_its_encoder_beside_it_can_be_saved_elsewhere(
     monkeypatch.chdir(tmp_path / "elsewhere")
     again = load_model(tmp_path / copy)
     np.testing.assert_allclose(_forward(again).numpy(), _forward(loaded).numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_average_models_is_the_mean_of_the_weights(tiny_config, tmp_path):
+    from lsms_core.checkpoint import average_models
+    from lsms_core.model import LSMS
+
+    torch.manual_seed(0)
+    a, b = LSMS(tiny_config), LSMS(tiny_config)
+    with torch.no_grad():  # running statistics are averaged too
+        a.decoder.heads[0].bias.fill_(1.0)
+        b.decoder.heads[0].bias.fill_(3.0)
+    paths = [save_model(m, tmp_path / f"{n}.safetensors") for n, m in (("a", a), ("b", b))]
+
+    soup = average_models(paths)
+    for name, value in soup.state_dict().items():
+        if name.startswith("text_encoder.") or not value.is_floating_point():
+            continue
+        expected = (a.state_dict()[name] + b.state_dict()[name]) / 2
+        torch.testing.assert_close(value, expected, msg=name)
+    assert torch.all(soup.decoder.heads[0].bias == 2.0)
+    assert soup.text_encoder is not None and soup.config == a.config
+    round_trip = load_model(save_model(soup, tmp_path / "soup.safetensors"))
+    np.testing.assert_allclose(
+        _forward(round_trip).numpy(), _forward(soup.eval()).numpy(), rtol=1e-5, atol=1e-6
+    )
+
+    other = save_model(
+        LSMS(dataclasses.replace(tiny_config, decoder_dim=tiny_config.decoder_dim * 2)), tmp_path / "c"
+    )
+    with pytest.raises(ValueError, match="differ in names or shapes"):
+        average_models([paths[0], other])
+    with pytest.raises(ValueError, match="at least two"):
+        average_models(paths[:1])
