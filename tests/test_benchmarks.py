@@ -266,3 +266,28 @@ def test_component_rule_compare_reproduces_the_segmenter_with_sum(tiny_config, t
     rule.print_table(report)
     table = capsys.readouterr().out.splitlines()
     assert len(table) == 2 + len(rule.RULES) and table[2].startswith("| sum |")
+
+
+def test_average_models_script_writes_a_card_with_its_ingredients(tiny_config, tmp_path, capsys):
+    import dataclasses
+
+    from _datasets import make_tiny_dataset
+
+    from lsms_core.checkpoint import load_model, read_model_card, save_model
+    from lsms_core.model import LSMS
+
+    script = _load("average_models")
+    data = make_tiny_dataset(tmp_path / "tiny", cases=4)
+    config = dataclasses.replace(tiny_config, image_size=32)
+    paths = [
+        str(save_model(LSMS(config), tmp_path / f"{n}.safetensors", data_fingerprint="abc")) for n in "ab"
+    ]
+    out = tmp_path / "soup.safetensors"
+    assert script.main([*paths, "--out", str(out), "--data", str(data)]) == 0
+
+    card = read_model_card(out)
+    assert [i["file"] for i in card["extra"]["average_of"]] == paths
+    assert card["data_fingerprint"] == "abc" and card["metrics"]["split"] == "val"
+    assert 0.0 <= card["metrics"]["mIoU"] <= 1.0
+    load_model(out)  # a normal model file
+    assert "the mean of 2 models" in capsys.readouterr().out
