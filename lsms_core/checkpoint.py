@@ -485,13 +485,13 @@ def load_model(
 
 def average_models(paths: list[str | os.PathLike] | tuple, device: str = "cpu") -> LSMS:
     """The element-wise mean of the weights of models of one architecture (a "model soup",
-    Wortsman et al. 2022): typically fine-tunes of one model, which average into a model at least as
-    good as each and cost nothing more to run.
+    Wortsman et al. 2022): typically fine-tunes of one model, whose mean often scores at least as well
+    as each of them and costs no more to run. Judge it on validation like any other candidate.
 
     The first model's config (e.g. its ``image_size``) and text encoder are kept; every saved
     weight is averaged, batch-norm running statistics included (integer counters are the first
-    model's). The models must have the same weights (names and shapes) and the same text encoder
-    (``includes_text_encoder``); anything else is a ``ValueError`` before averaging.
+    model's). The models must store the same weights (names and shapes: one architecture, and the
+    same trainable part of the text encoder); anything else is a ``ValueError`` before averaging.
     """
     import torch
 
