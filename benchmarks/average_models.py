@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         from lsms_core.evaluate import evaluate_model
 
         report = evaluate_model(model, args.data, "val", max_items=args.val_items)
-        metrics = {**report["overall"], "split": "val", "per_kind": report["per_kind"]}
+        metrics = {**report["overall"], "split": "val"}  # as the Trainer's cards: per kind under extra
         print(
             f"val ({report['items']} pairs): mIoU {metrics['mIoU']:.3f}, negatives empty "
             f"{metrics['negative_accuracy']:.3f}"
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         metrics=metrics,
         data_fingerprint=fingerprints.pop() if len(fingerprints) == 1 else None,
-        extra={"average_of": ingredients},
+        extra={"average_of": ingredients, **({"per_kind": report["per_kind"]} if args.data else {})},
     )
     print(f"saved {path} (the mean of {len(args.models)} models)")
     return 0

@@ -288,6 +288,7 @@ def test_average_models_script_writes_a_card_with_its_ingredients(tiny_config, t
     card = read_model_card(out)
     assert [i["file"] for i in card["extra"]["average_of"]] == paths
     assert card["data_fingerprint"] == "abc" and card["metrics"]["split"] == "val"
-    assert 0.0 <= card["metrics"]["mIoU"] <= 1.0
+    assert 0.0 <= card["metrics"]["mIoU"] <= 1.0 and "per_kind" in card["extra"]
+    assert all(not isinstance(v, dict) for v in card["metrics"].values())  # lsms info prints them
     load_model(out)  # a normal model file
     assert "the mean of 2 models" in capsys.readouterr().out
