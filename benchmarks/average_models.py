@@ -32,25 +32,26 @@ def main(argv: list[str] | None = None) -> int:
     if len(fingerprints) > 1:
         print("warning: the models were trained on different data; the average gets no data fingerprint")
     model = average_models(args.models)
-    metrics = {}
+    ingredients = [
+        {"file": str(path), "version": card.get("version")} for path, card in zip(args.models, cards)
+    ]
+    metrics, extra = {}, {"average_of": ingredients}
     if args.data:
         from lsms_core.evaluate import evaluate_model
 
         report = evaluate_model(model, args.data, "val", max_items=args.val_items)
-        metrics = {**report["overall"], "split": "val"}  # as the Trainer's cards: per kind under extra
+        metrics = {**report["overall"], "split": "val"}
+        extra["per_kind"] = report["per_kind"]  # under extra, as in the Trainer's cards
         print(
             f"val ({report['items']} pairs): mIoU {metrics['mIoU']:.3f}, negatives empty "
             f"{metrics['negative_accuracy']:.3f}"
         )
-    ingredients = [
-        {"file": str(path), "version": card.get("version")} for path, card in zip(args.models, cards)
-    ]
     path = save_model(
         model,
         args.out,
         metrics=metrics,
         data_fingerprint=fingerprints.pop() if len(fingerprints) == 1 else None,
-        extra={"average_of": ingredients, **({"per_kind": report["per_kind"]} if args.data else {})},
+        extra=extra,
     )
     print(f"saved {path} (the mean of {len(args.models)} models)")
     return 0

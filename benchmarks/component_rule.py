@@ -81,6 +81,7 @@ def compare(model, data, split: str, max_expressions: int | None = None) -> dict
         text = record["expression"]
         result = segmenter.segment(case.image, text, return_probability=True)
         target = dataset.target_mask(record, case) > 0
+        kind = record.get("kind") or None
         is_singular = expression_number(text) == "singular"
         if is_singular:
             candidates = postprocess(result.probability, result.slice_scores, singular=False)
@@ -88,7 +89,6 @@ def compare(model, data, split: str, max_expressions: int | None = None) -> dict
                 raise RuntimeError(f"the 'sum' rule does not reproduce the Segmenter's mask for {text!r}")
         for rule in RULES:
             mask = select(candidates, result.probability, rule, text) if is_singular else result.mask > 0
-            kind = record.get("kind") or None
             overall[rule].update(mask, target, kind)
             if is_singular:
                 singular[rule].update(mask, target, kind)

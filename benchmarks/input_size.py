@@ -73,14 +73,14 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from lsms_core.checkpoint import load_model, read_model_card
+    from lsms_core.checkpoint import load_model
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); split {args.split}")
     models, shared = {}, {}
     for path in args.models:
-        frozen_text = not read_model_card(path).get("includes_text_encoder")
-        model = load_model(path, **(shared if frozen_text else {}))
-        if frozen_text and not shared:  # only the package's encoder is shared, never a fine-tuned one
+        model = load_model(path, **shared)  # a file with its own encoder weights loads into a copy
+        if not shared and not model.model_card.get("includes_text_encoder"):
+            # only the package's encoder is shared, never a fine-tuned one
             shared = {"text_encoder": model.text_encoder, "tokenizer": model.tokenizer}
         models[path] = model
         print(f"{path}: trained at image_size {model.config.image_size}")

@@ -500,10 +500,9 @@ def average_models(paths: list[str | os.PathLike] | tuple, device: str = "cpu") 
     first = load_model(paths[0], device=device)
     # load_model copies a shared encoder for a file with its own encoder weights, so sharing is safe
     shared = {"text_encoder": first.text_encoder, "tokenizer": first.tokenizer}
-    names = sorted(_stored_names(first))
     reference = first.state_dict()
-    sums = {k: reference[k].double() for k in names if reference[k].is_floating_point()}
-    mine = {k: tuple(reference[k].shape) for k in names}
+    mine = {k: tuple(reference[k].shape) for k in _stored_names(first)}
+    sums = {k: reference[k].double() for k in mine if reference[k].is_floating_point()}
     for path in paths[1:]:
         other = load_model(path, device=device, **shared)
         state = other.state_dict()
