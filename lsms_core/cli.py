@@ -193,15 +193,15 @@ def _train_reporter(json_progress: bool) -> tuple[Callable[[dict], None], Callab
 
     def show(event: dict) -> None:
         nonlocal bar
-        if bar is None:
-            bar = tqdm(desc="training", unit="step", file=sys.stderr, dynamic_ncols=True)
+        if bar is None:  # a resumed run starts counting at its step, so its rate and ETA are real
+            start = event.get("step", 0)
+            bar = tqdm(desc="training", unit="step", file=sys.stderr, dynamic_ncols=True, initial=start)
         kind = event.get("event")
         if event.get("total_steps"):
             bar.total = event["total_steps"]
         if kind == "step":
-            bar.n = event.get("step", bar.n)
             bar.set_postfix(loss=f"{event.get('loss', float('nan')):.4f}", refresh=False)
-            bar.refresh()
+            bar.update(event.get("step", bar.n) - bar.n)
         elif kind == "validation":
             metrics = (event.get("metrics") or {}).get("overall") or {}
             shown = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, (int, float)))

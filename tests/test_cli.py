@@ -396,3 +396,22 @@ def test_train_and_evaluate_report_bad_data_and_model_paths_in_one_line(tiny_enc
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and err.startswith("lsms evaluate: error: ")
     assert str(missing) in err and "Traceback" not in err and not report.exists()
+
+
+def test_train_progress_bar_of_a_resumed_run_counts_from_its_step(capsys):
+    """A run resumed at step 2,700 must not report 2,700 steps done in its first second."""
+    import re
+    import time
+
+    from lsms_core.cli import _train_reporter
+
+    show, close = _train_reporter(json_progress=False)
+    show({"event": "start", "step": 2700, "total_steps": 10000, "resumed": True})
+    for step in range(2701, 2711):
+        time.sleep(0.02)  # at most 50 steps/s
+        show({"event": "step", "step": step, "total_steps": 10000, "loss": 0.5})
+    close()
+    err = capsys.readouterr().err
+    assert "resuming at step 2700" in err and "2710/10000" in err
+    rates = [float(r) for r in re.findall(r"([\d.]+)step/s", err)]
+    assert rates and max(rates) < 100, rates
