@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from _markdown import cell, print_markdown_table
+
 COLUMNS = (
     "n",
     "mIoU",
@@ -37,22 +39,13 @@ COLUMNS = (
 )
 
 
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return "-" if value is None else str(value)
-
-
 def print_split_table(report: dict, group: str = "per_kind") -> None:
     """Overall + one row per kind (``group="per_kind"``), per target size (``"per_target_size"``) or
     per slice content (``"per_slice_content"``)."""
     label = {"per_kind": "kind", "per_target_size": "target share of the slice"}.get(group, "the slice shows")
-    print(f"| {label} | {' | '.join(COLUMNS)} |")
-    print("|---" * (len(COLUMNS) + 1) + "|")
     groups = sorted(report[group].items()) if group == "per_kind" else list(report[group].items())
     rows = [("overall", report["overall"])] + groups
-    for kind, metrics in rows:
-        print(f"| {kind} | " + " | ".join(_cell(metrics.get(c)) for c in COLUMNS) + " |")
+    print_markdown_table([label, *COLUMNS], [[kind, *(cell(m.get(c)) for c in COLUMNS)] for kind, m in rows])
 
 
 def print_2d_report(report: dict, data) -> None:

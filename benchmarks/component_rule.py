@@ -31,6 +31,7 @@ import sys
 import time
 
 import numpy as np
+from _markdown import cell, print_markdown_table
 
 RULES = ("sum", "mean", "peak", "size_rank", "keep_all")
 COLUMNS = ("mIoU", "oIoU", "dice", "P@0.5", "negative_accuracy")
@@ -102,21 +103,16 @@ def compare(model, data, split: str, max_expressions: int | None = None) -> dict
 
 def print_table(report: dict) -> None:
     header = ["rule", *COLUMNS, *(f"mIoU {k} (singular)" for k in _kinds(report))]
-    print("| " + " | ".join(header) + " |")
-    print("|---" * len(header) + "|")
+    rows = []
     for rule, row in report["rules"].items():
-        cells = [rule, *(_cell(row["overall"].get(c)) for c in COLUMNS)]
-        cells += [_cell(row["singular"].get(k, {}).get("mIoU")) for k in _kinds(report)]
-        print("| " + " | ".join(cells) + " |")
+        cells = [rule, *(cell(row["overall"].get(c)) for c in COLUMNS)]
+        rows.append(cells + [cell(row["singular"].get(k, {}).get("mIoU")) for k in _kinds(report)])
+    print_markdown_table(header, rows)
 
 
 def _kinds(report: dict) -> list[str]:
     first = next(iter(report["rules"].values()))
     return [k for k, v in first["singular"].items() if v.get("mIoU") is not None]
-
-
-def _cell(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def main(argv: list[str] | None = None) -> int:

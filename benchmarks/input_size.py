@@ -20,6 +20,8 @@ import argparse
 import sys
 import time
 
+from _markdown import cell, print_markdown_table
+
 OVERALL = ("mIoU", "P@0.9", "negative_accuracy", "positive_empty")
 
 
@@ -44,22 +46,17 @@ def print_table(rows: list[dict]) -> None:
     groups = list(rows[0]["report"]["per_target_size"])
     header = ["model", "input", "n", *OVERALL, "Δ mIoU [95 %]", *(f"mIoU {g}" for g in groups), "s"]
     first = rows[0]["report"]["pairs"]
-    print("| " + " | ".join(header) + " |")
-    print("|---" * len(header) + "|")
+    lines = []
     for row in rows:
         report = row["report"]
         overall = report["overall"]
         cells = [row["model"], str(row["size"]), str(overall["n"])]
-        cells += [_cell(overall.get(c)) for c in OVERALL]
+        cells += [cell(overall.get(c)) for c in OVERALL]
         delta = paired_delta(first, report["pairs"])
         cells.append(f"{delta['delta']:+.3f} [{delta['lo']:+.3f}, {delta['hi']:+.3f}]")
-        cells += [_cell(report["per_target_size"].get(g, {}).get("mIoU")) for g in groups]
-        cells.append(f"{row['seconds']:.0f}")
-        print("| " + " | ".join(cells) + " |")
-
-
-def _cell(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
+        cells += [cell(report["per_target_size"].get(g, {}).get("mIoU")) for g in groups]
+        lines.append([*cells, f"{row['seconds']:.0f}"])
+    print_markdown_table(header, lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+from _markdown import cell, print_markdown_table
 
 MASK_THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
 PRESENCE_THRESHOLDS = (0.2, 0.3, 0.4, 0.5, 0.6)
@@ -103,23 +104,22 @@ def main(argv=None) -> None:
     counts = collect(model, args.data, args.split, max_items=args.max_items)
     seconds = time.perf_counter() - start
     print(f"## {args.split} split of {args.data}: {len(counts.presence)} pairs ({seconds:.0f} s)\n")
-    print("| mask thr | presence thr | " + " | ".join(COLUMNS) + " |")
-    print("|---" * (len(COLUMNS) + 2) + "|")
-    best = None
+    best, rows = None, []
     for t in MASK_THRESHOLDS:
         for p in PRESENCE_THRESHOLDS:
             m = counts.metrics(t, p)
-            print(f"| {t} | {p} | " + " | ".join(f"{m[c]:.3f}" for c in COLUMNS) + " |")
+            rows.append([str(t), str(p), *(cell(m[c]) for c in COLUMNS)])
             allowed = m["negative_accuracy"] is None or m["negative_accuracy"] >= args.min_negative_accuracy
             if allowed and (best is None or m["mIoU"] > best[2]["mIoU"]):
                 best = (t, p, m)
+    print_markdown_table(["mask thr", "presence thr", *COLUMNS], rows)
     default = counts.metrics(0.5, 0.5)
     if best is not None:
         t, p, m = best
         print(
             f"\nbest mIoU with negative accuracy >= {args.min_negative_accuracy}: mask {t}, presence {p}: "
-            f"{m['mIoU']:.3f} (negatives {m['negative_accuracy']:.3f}) against {default['mIoU']:.3f} "
-            f"(negatives {default['negative_accuracy']:.3f}) at 0.5 / 0.5"
+            f"{cell(m['mIoU'])} (negatives {cell(m['negative_accuracy'])}) against {cell(default['mIoU'])} "
+            f"(negatives {cell(default['negative_accuracy'])}) at 0.5 / 0.5"
         )
 
 

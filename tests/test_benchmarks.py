@@ -14,6 +14,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load(name: str):
+    if str(BENCHMARKS) not in sys.path:  # as when run as a script: the scripts import their helpers
+        sys.path.insert(0, str(BENCHMARKS))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -292,3 +294,15 @@ def test_average_models_script_writes_a_card_with_its_ingredients(tiny_config, t
     assert all(not isinstance(v, dict) for v in card["metrics"].values())  # lsms info prints them
     load_model(out)  # a normal model file
     assert "the mean of 2 models" in capsys.readouterr().out
+
+
+def test_markdown_cells_and_table(capsys):
+    markdown = _load("_markdown")
+    assert [markdown.cell(v) for v in (0.12345, None, 2336, "stage 4")] == ["0.123", "-", "2336", "stage 4"]
+    markdown.print_markdown_table(["model", "mIoU"], [["a", markdown.cell(0.5)], ["b", markdown.cell(None)]])
+    assert capsys.readouterr().out.splitlines() == [
+        "| model | mIoU |",
+        "|---|---|",
+        "| a | 0.500 |",
+        "| b | - |",
+    ]
