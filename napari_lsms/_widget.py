@@ -29,7 +29,7 @@ import json
 import threading
 import warnings
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -1021,33 +1021,39 @@ class SegmentWidget(QWidget):
 
         self.device_combo.clear()
         self.device_combo.addItem("auto")
-        lifetime = self._lifetime
 
         def show(devices) -> None:
-            if not lifetime.closed.is_set():
-                self.device_combo.addItems([d for d in devices if d != "auto"])
+            self.device_combo.addItems([d for d in devices if d != "auto"])
 
-        worker = create_worker(available_devices, _ignore_errors=True)  # on error "auto" stays
-        worker.returned.connect(show)
-        self.devices_worker = worker
-        worker.start()
+        self.devices_worker = self._look_up(available_devices, show=show)  # on error "auto" stays
 
     def _refresh_corrections_count(self) -> None:
         """Show how many records the corrections folder holds, counted in a worker (reading the
         records is file I/O that grows with the dataset). A count that a newer one or a save has
         overtaken is dropped."""
         root = Path(self.corrections_edit.text().strip())
-        lifetime = self._lifetime
         self._count_token = token = object()
 
         def show(text: str) -> None:
-            if not lifetime.closed.is_set() and self._count_token is token:
+            if self._count_token is token:
                 self.corrections_count.setText(text)
 
-        worker = create_worker(_count_corrections, root, _ignore_errors=True)
-        worker.returned.connect(show)
-        self.corrections_count_worker = worker
+        self.corrections_count_worker = self._look_up(_count_corrections, root, show=show)
+
+    def _look_up(self, function: Callable, *args, show: Callable) -> Any:
+        """Run the quick query ``function(*args)`` in a worker and ``show`` its answer on the GUI
+        thread, unless the widget has closed by then. A failed query shows nothing: what the widget
+        showed before stays."""
+        lifetime = self._lifetime
+
+        def returned(answer) -> None:
+            if not lifetime.closed.is_set():
+                show(answer)
+
+        worker = create_worker(function, *args, _ignore_errors=True)
+        worker.returned.connect(returned)
         worker.start()
+        return worker
 
     def _browse_corrections(self) -> None:
         folder = QFileDialog.getExistingDirectory(
