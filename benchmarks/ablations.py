@@ -266,8 +266,7 @@ def print_by_slice_content(rows: list[dict], out: Path, data: str) -> None:
     where another lesion is on the slice too."""
     import numpy as np
 
-    from lsms_core.data.dataset import ReferringDataset
-    from lsms_core.evaluate import other_lesion_on_slice
+    from lsms_core.data.dataset import ReferringDataset, other_lesion_on_slice
 
     dataset = ReferringDataset(data)
     targets = {r["id"]: list(r.get("targets") or []) for r in dataset.expressions()}

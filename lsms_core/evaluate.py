@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,13 +56,6 @@ def target_size_group(target_pixels: int, slice_pixels: int) -> str | None:
 #: Slice-content groups of the 2D report (``per_slice_content``) for pairs with a non-empty target:
 #: only then must the words pick the lesion, when the slice also shows one they do not refer to.
 SLICE_CONTENT_GROUPS = ("only the target(s)", "another lesion too")
-
-
-def other_lesion_on_slice(z: int, targets: Iterable[int], lesion_slices: dict) -> bool:
-    """True when a lesion not in ``targets`` is on canonical slice ``z`` (``lesion_slices``: a
-    case's ``case_info(case)["lesions"]``, lesion id -> ``{"slices": [...]}``)."""
-    targets = {int(t) for t in targets}
-    return any(int(lesion) not in targets and z in info["slices"] for lesion, info in lesion_slices.items())
 
 
 def evenly_spaced(n: int, max_items: int | None) -> list[int]:
@@ -162,6 +155,7 @@ def evaluate_model(
     import torch
     from torch.utils.data import DataLoader
 
+    from lsms_core.data.dataset import other_lesion_on_slice
     from lsms_core.metrics import MetricAccumulator
     from lsms_core.model import preferred_memory_format
 

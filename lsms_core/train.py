@@ -198,6 +198,8 @@ class TrainConfig:
             validation, on stop and at the end); ``None`` or 0 = only then.
         log_every_steps: write every n-th "step" event to ``log.jsonl`` (the callback sees all).
         augment: training-time augmentation of :class:`~lsms_core.data.dataset.SliceDataset`.
+        crowded_repeat: how many times per epoch a training item appears whose slice also shows a
+            lesion its expression does not refer to (``SliceDataset``'s ``crowded_repeat``); 1 = once.
         train_split, val_split: split names in the dataset's ``splits.json``.
     """
 
@@ -222,6 +224,7 @@ class TrainConfig:
     checkpoint_every_steps: int | None = 200
     log_every_steps: int = 10
     augment: bool = True
+    crowded_repeat: int = 1
     train_split: str = "train"
     val_split: str = "val"
 
@@ -229,7 +232,8 @@ class TrainConfig:
         def bad(name, problem):
             raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {problem}")
 
-        for name in ("epochs", "batch_size", "val_every", "val_batch_size", "log_every_steps"):
+        counts = ("epochs", "batch_size", "val_every", "val_batch_size", "log_every_steps")
+        for name in (*counts, "crowded_repeat"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
         for name in ("max_steps", "val_max_items"):
@@ -1040,6 +1044,7 @@ class Trainer:
             hu_window=tuple(config.hu_window),
             augment=tc.augment,
             seed=tc.seed,
+            crowded_repeat=tc.crowded_repeat,
         )
         if len(train_set) == 0:
             raise ValueError(

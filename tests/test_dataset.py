@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -391,3 +392,26 @@ def test_lesion_side_in_canonical_slices(toy_root):
         assert np.nonzero(case.organ)[2].mean() < SHAPE[2] / 2
         raw = ds.load_case(case_id, canonical=False)
         np.testing.assert_array_equal(to_canonical(raw.image).array, case.image.array)
+
+
+def test_slice_dataset_repeats_the_items_where_another_lesion_shares_the_slice(toy_root):
+    from lsms_core.data.dataset import other_lesion_on_slice
+
+    ds = ReferringDataset(toy_root)
+    once = SliceDataset(ds, "all", image_size=32, seed=0)
+    thrice = SliceDataset(ds, "all", image_size=32, seed=0, crowded_repeat=3)
+
+    def crowded(item) -> bool:
+        record = once.records[item[0]]
+        return other_lesion_on_slice(item[1], record["targets"], ds.case_info(record["case"])["lesions"])
+
+    counts = collections.Counter(thrice.items)
+    assert set(counts) == set(once.items)  # the same items, only repeated
+    repeated = [item for item in once.items if crowded(item)]
+    # The toy cases hold such items: positives of "the largest lesion" on lesion 2's slices, and
+    # the negative expression's slices that show a lesion.
+    assert repeated and any(item[2] for item in repeated) and len(repeated) < len(once.items)
+    assert all(counts[item] == (3 if crowded(item) else 1) for item in once.items)
+    assert len(thrice) == len(once) + 2 * len(repeated)
+    with pytest.raises(ValueError, match="crowded_repeat"):
+        SliceDataset(ds, "all", image_size=32, crowded_repeat=0)

@@ -96,8 +96,7 @@ def test_metrics_match_a_hand_computation(model, data_dir):
 
 
 def test_slice_content_groups_split_the_positives_by_what_else_the_slice_shows(model, data_dir):
-    from lsms_core.data.dataset import ReferringDataset, SliceDataset
-    from lsms_core.evaluate import other_lesion_on_slice
+    from lsms_core.data.dataset import ReferringDataset, SliceDataset, other_lesion_on_slice
 
     lesions = {"1": {"slices": [3, 4, 5]}, "2": {"slices": [5, 6]}}
     assert not other_lesion_on_slice(4, [1], lesions)  # only the target

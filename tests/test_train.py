@@ -103,6 +103,18 @@ def test_train_config_round_trip_and_validation():
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=0)
+    with pytest.raises(ValueError, match="crowded_repeat"):
+        TrainConfig(crowded_repeat=0)
+
+
+def test_crowded_repeat_reaches_the_training_items(small_config, data_dir, tmp_path):
+    """The Trainer hands ``crowded_repeat`` to its SliceDataset: more items per epoch."""
+    items = {}
+    for repeat in (1, 2):
+        train_config = fast_config(max_steps=1, crowded_repeat=repeat)
+        _, events = run(small_config, data_dir, tmp_path / f"x{repeat}", train_config=train_config)
+        items[repeat] = next(e for e in events if e["event"] == "start")["train_items"]
+    assert items[2] > items[1] == 22, items
 
 
 def test_warmup_cosine_schedule_shape():

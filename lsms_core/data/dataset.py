@@ -605,6 +605,13 @@ class ReferringDataset:
 # --------------------------------------------------------------------------------------------------
 
 
+def other_lesion_on_slice(z: int, targets: Iterable[int], lesion_slices: dict) -> bool:
+    """True when a lesion not in ``targets`` is on canonical slice ``z`` (``lesion_slices``: a
+    case's ``case_info(case)["lesions"]``, lesion id -> ``{"slices": [...]}``)."""
+    targets = {int(t) for t in targets}
+    return any(int(lesion) not in targets and z in info["slices"] for lesion, info in lesion_slices.items())
+
+
 def adjacent_slices(z: int, k: int, depth: int) -> list[int]:
     """Indices of the ``k`` slices centred on ``z`` (``z-k//2 .. z+k//2``), clamped to ``[0, depth)``."""
     if k < 1:
@@ -706,6 +713,10 @@ class _SliceDataset:
         slice_sampling: ``"lesion"`` (target slices + sampled negatives) or ``"all"`` (every slice).
         augment: small intensity jitter and scale/translation (no flips).
         seed: seeds the negative-slice sampling and the augmentation.
+        crowded_repeat: how many times each item whose slice also shows a lesion its expression
+            does not refer to appears (records with ``targets``; see :func:`other_lesion_on_slice`).
+            These are the items where the words, not the image, must pick the lesion; 1 = once,
+            as every other item.
     """
 
     def __init__(
@@ -720,6 +731,7 @@ class _SliceDataset:
         slice_sampling: str = "lesion",
         augment: bool = False,
         seed: int = 0,
+        crowded_repeat: int = 1,
     ):
         self.dataset = dataset if isinstance(dataset, ReferringDataset) else ReferringDataset(dataset)
         if slice_sampling not in ("lesion", "all"):
@@ -727,10 +739,12 @@ class _SliceDataset:
         if not 0.0 <= negatives_fraction < 1.0:
             raise ValueError(f"negatives_fraction must be in [0, 1), got {negatives_fraction}")
         adjacent_slices(0, in_slices, 1)  # validates in_slices
+        if not isinstance(crowded_repeat, int) or crowded_repeat < 1:
+            raise ValueError(f"crowded_repeat must be an integer >= 1, got {crowded_repeat!r}")
         self.split_name = split
         self.in_slices, self.image_size, self.hu_window = in_slices, image_size, tuple(hu_window)
         self.negatives_fraction, self.slice_sampling = negatives_fraction, slice_sampling
-        self.augment, self.seed = augment, seed
+        self.augment, self.seed, self.crowded_repeat = augment, seed, crowded_repeat
         self.records = self.dataset.expressions(split)
         if not self.records:
             raise ValueError(f"{self.dataset.root}: split {split!r} has no expressions; nothing to train on")
@@ -777,7 +791,17 @@ class _SliceDataset:
             candidates = self._candidate_slices(self.records[i])
             chosen = rng.choice(candidates, size=min(per_negative, len(candidates)), replace=False)
             items += [(i, int(z), False) for z in chosen]
+        if self.crowded_repeat > 1:
+            repeats = [self.crowded_repeat if self._crowded(i, z) else 1 for i, z, _ in items]
+            items = [item for item, n in zip(items, repeats) for _ in range(n)]
         return items
+
+    def _crowded(self, record_index: int, z: int) -> bool:
+        record = self.records[record_index]
+        if "targets" not in record:  # a drawn mask: which lesion it is, is not recorded
+            return False
+        lesions = self.dataset.case_info(record["case"])["lesions"]
+        return other_lesion_on_slice(z, record["targets"], lesions)
 
     def _candidate_slices(self, record: dict) -> list[int]:
         """Slices negatives are drawn from: the organ's slices (all slices without an organ mask),
