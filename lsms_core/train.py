@@ -876,11 +876,13 @@ class Trainer:
         if not isinstance(saved, dict):  # a checkpoint without its config: nothing to compare
             return
         current = json.loads(json.dumps(self.train_config.to_dict()))
+        # A field newer than the checkpoint had its default value then.
+        saved = {**json.loads(json.dumps(TrainConfig().to_dict())), **saved}
         ignored = set(RESUME_FREE_FIELDS) | set(RESUME_LENGTH_FIELDS)
         differing = [
             f"{name} (saved {saved[name]!r}, now {current[name]!r})"
             for name in current
-            if name not in ignored and name in saved and saved[name] != current[name]
+            if name not in ignored and saved[name] != current[name]
         ]
         if differing:
             raise ValueError(

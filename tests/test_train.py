@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -714,6 +715,7 @@ def test_resume_refuses_a_different_recipe_but_may_extend_the_run(small_config, 
         ({"seed": 1, "monitor": "dice"}, ["seed", "monitor"]),
         ({"lr": 1e-4, "augment": True}, ["lr", "augment"]),
         ({"max_steps": 1}, ["fewer total steps", "max_steps (saved 2, now 1)"]),
+        ({"crowded_repeat": 2}, ["crowded_repeat (saved 1, now 2)"]),
     ):
         with pytest.raises(ValueError, match="cannot resume") as info:
             run(small_config, data_dir, out, train_config=dataclasses.replace(config, **changes))
@@ -721,6 +723,13 @@ def test_resume_refuses_a_different_recipe_but_may_extend_the_run(small_config, 
             assert text in str(info.value)
     state = json.loads((out / "last.json").read_text())["extra"]["training_state"]
     assert state["step"] == 1  # nothing was trained by the refused attempts
+
+    # A checkpoint written before a field existed had that field's default.
+    card = json.loads((out / "last.json").read_text())
+    del card["extra"]["training_state"]["train_config"]["crowded_repeat"]
+    (out / "last.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match=re.escape("crowded_repeat (saved 1, now 2)")):
+        run(small_config, data_dir, out, train_config=dataclasses.replace(config, crowded_repeat=2))
 
     # more steps, another patience and run-time settings are fine
     longer = dataclasses.replace(config, max_steps=3, patience=2, log_every_steps=2, val_every=2, amp=False)
