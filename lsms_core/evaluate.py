@@ -176,7 +176,6 @@ def evaluate_model(
     contents: list[str | None] = []  # its SLICE_CONTENT_GROUPS name (None for a negative pair)
     slice_pairs = pairs.dataset  # the SliceDataset: its records and their cases' lesion slices
     targets_of = {record["id"]: record.get("targets") or [] for record in slice_pairs.records}
-    lesions_of: dict[str, dict] = {}
     records: list[dict] = []  # per_pair: what identifies each pair, in the accumulator's order
     presence_hits = done = 0
     try:
@@ -196,9 +195,8 @@ def evaluate_model(
                     if not t.any():  # a negative pair has no slice-content group
                         contents.append(None)
                         continue
-                    if c not in lesions_of:
-                        lesions_of[c] = slice_pairs.dataset.case_info(c)["lesions"]
-                    crowded = other_lesion_on_slice(int(z), targets_of[i], lesions_of[c])
+                    lesions = slice_pairs.dataset.case_info(c)["lesions"]  # cached by the dataset
+                    crowded = other_lesion_on_slice(int(z), targets_of[i], lesions)
                     contents.append(SLICE_CONTENT_GROUPS[int(crowded)])
                 if per_pair:
                     probs = torch.sigmoid(output.presence_logits.float()).cpu().tolist()
