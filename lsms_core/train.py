@@ -232,8 +232,14 @@ class TrainConfig:
         def bad(name, problem):
             raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}: {problem}")
 
-        counts = ("epochs", "batch_size", "val_every", "val_batch_size", "log_every_steps")
-        for name in (*counts, "crowded_repeat"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "val_every",
+            "val_batch_size",
+            "log_every_steps",
+            "crowded_repeat",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "must be an integer >= 1")
         for name in ("max_steps", "val_max_items"):
