@@ -5,6 +5,7 @@
     lsms evaluate --data DATASET --model RUN/model.safetensors --json report.json
     lsms data synth OUT --cases 20 --seed 0
     lsms data import SRC OUT --kind auto
+    lsms data merge OUT BENCH EXTRA [--train-only EXTRA]
     lsms info [--model M]
     lsms gui
 
@@ -337,6 +338,17 @@ def cmd_data_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_merge(args: argparse.Namespace) -> int:
+    from lsms_core.data.dataset import ReferringDataset
+    from lsms_core.data.merge import merge_datasets
+
+    out = merge_datasets(args.out, args.sources, train_only=args.train_only or ())
+    merged = ReferringDataset(out)
+    counts = ", ".join(f"{split} {len(cases)}" for split, cases in merged.splits.items())
+    print(f"dataset: {out} ({len(merged.cases)} cases: {counts}; {len(merged.expressions())} expressions)")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # lsms info
 # --------------------------------------------------------------------------------------------
@@ -513,6 +525,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=("auto", "lits", "msd", "nnunet"), default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_data_import)
+    p = data.add_parser(
+        "merge",
+        help="merge dataset folders (the first keeps its ids; later ones get their folder name as prefix)",
+    )
+    p.add_argument("out", help="dataset folder to create")
+    p.add_argument("sources", nargs="+", help="dataset folders to merge (two or more)")
+    p.add_argument(
+        "--train-only",
+        nargs="+",
+        metavar="SRC",
+        help="sources whose cases all go to the train split (the others keep their splits)",
+    )
+    p.set_defaults(func=cmd_data_merge)
 
     p = sub.add_parser("info", help="versions, devices and the model card")
     p.add_argument("--model", help="model file (default: the shipped model)")
