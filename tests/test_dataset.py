@@ -283,6 +283,15 @@ def test_fingerprint_tracks_content(tmp_path):
     lesions[lesions == 2] = 0
     writer.add_case("case_00", image, lesions, organ)
     assert ReferringDataset(root).fingerprint() != second
+    # The same content written again later (another "created" time) has the same fingerprint.
+    again = tmp_path / "again"
+    build(again, n_cases=3).add_expressions([{"case": "case_00", "expression": "new", "targets": [2]}])
+    DatasetWriter(again, name="toy", exist_ok=True).add_case("case_00", image, lesions, organ)
+    meta = json.loads((again / "dataset.json").read_text())
+    (again / "dataset.json").write_text(json.dumps({**meta, "created": "1999-01-01T00:00:00+00:00"}))
+    assert ReferringDataset(again).fingerprint() == ReferringDataset(root).fingerprint()
+    (again / "dataset.json").write_text(json.dumps({**meta, "name": "other"}))
+    assert ReferringDataset(again).fingerprint() != ReferringDataset(root).fingerprint()
 
 
 def test_import_does_not_pull_torch():

@@ -548,14 +548,19 @@ class ReferringDataset:
     def fingerprint(self) -> str:
         """A sha256 hex digest identifying the dataset's content, for checkpoint sidecars.
 
-        Hashes dataset.json, expressions.jsonl and splits.json in full, and each case file's relative
+        Hashes dataset.json (all but its ``created`` time, so regenerating the same data gives the
+        same fingerprint), expressions.jsonl and splits.json in full, and each case file's relative
         path, size and the sha256 of its first MiB.
         """
         h = hashlib.sha256()
         for name in ("dataset.json", "expressions.jsonl", "splits.json"):
             path = self.root / name
             h.update(name.encode())
-            h.update(path.read_bytes() if path.is_file() else b"<missing>")
+            content = path.read_bytes() if path.is_file() else b"<missing>"
+            if name == "dataset.json":
+                meta = {k: v for k, v in json.loads(content).items() if k != "created"}
+                content = json.dumps(meta, sort_keys=True).encode()
+            h.update(content)
         for case_id in self.cases:
             for path in sorted((self.root / "cases" / case_id).iterdir()):
                 if path.is_file():
