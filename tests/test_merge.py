@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -102,6 +103,11 @@ def test_merge_refuses_bad_requests_before_writing(sources, tmp_path):
         merge_datasets(out, [sources / "bench", sources / "extra"], train_only=[sources / "corr"])
     with pytest.raises(ValueError, match="no splits.json"):
         merge_datasets(out, [sources / "bench", sources / "corr"])
+    (tmp_path / "other").mkdir()
+    same_name = tmp_path / "other" / "extra"
+    shutil.copytree(sources / "extra", same_name)
+    with pytest.raises(ValueError, match="would come from both"):
+        merge_datasets(out, [sources / "bench", sources / "extra", same_name])
     with pytest.raises(FileNotFoundError, match="not an LSMS dataset"):
         merge_datasets(out, [sources / "bench", tmp_path])
     existing = tmp_path / "full"
@@ -110,6 +116,7 @@ def test_merge_refuses_bad_requests_before_writing(sources, tmp_path):
     with pytest.raises(ValueError, match="already exists"):
         merge_datasets(existing, [sources / "bench", sources / "extra"])
     assert not out.exists() and (existing / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["full", "other"]  # nothing half-written
 
 
 def test_an_interrupted_merge_leaves_no_folder(sources, tmp_path, monkeypatch):
@@ -121,7 +128,8 @@ def test_an_interrupted_merge_leaves_no_folder(sources, tmp_path, monkeypatch):
         calls.append(dst)
         if len(calls) > 5:
             raise KeyboardInterrupt  # e.g. Ctrl-C halfway through the copy
-        os.link(src, dst) if dst.parent.exists() else (dst.parent.mkdir(parents=True), os.link(src, dst))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.link(src, dst)
 
     monkeypatch.setattr(merge, "_link_or_copy", failing_link)
     with pytest.raises(KeyboardInterrupt):

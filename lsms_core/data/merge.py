@@ -27,7 +27,9 @@ def _link_or_copy(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         os.link(src, dst)
-    except OSError:
+    except FileExistsError:
+        raise
+    except OSError:  # another file system, or links not supported
         shutil.copy2(src, dst)
 
 
@@ -51,7 +53,8 @@ def merge_datasets(
 
     Raises:
         ValueError: fewer than two sources, a source given twice, ``train_only`` naming a folder
-            that is not a source, or a source without splits that is not ``train_only``.
+            that is not a source, a source without splits that is not ``train_only``, or two sources
+            that would give the same case id (later sources with the same folder name).
     """
     from lsms_core._atomic import atomic_folder
 
@@ -68,6 +71,15 @@ def merge_datasets(
     prefixes = [""] + [f"{root.name}-" for root in roots[1:]]
     for prefix in prefixes[1:]:
         _check_case_id(prefix + "x")  # a folder name that cannot prefix a case id fails here
+    seen: dict[str, Path] = {}
+    for root, dataset, prefix in zip(roots, datasets, prefixes):
+        for case in dataset.cases:
+            if prefix + case in seen:
+                raise ValueError(
+                    f"case {prefix + case!r} would come from both {seen[prefix + case]} and {root}; "
+                    "rename one of the source folders (later sources' ids are prefixed with their folder name)"
+                )
+            seen[prefix + case] = root
     splits: dict[str, list[str]] = {split: [] for split in SPLITS}
     for root, dataset, prefix in zip(roots, datasets, prefixes):
         if root in train_roots:
