@@ -557,7 +557,7 @@ class ReferringDataset:
             path = self.root / name
             h.update(name.encode())
             content = path.read_bytes() if path.is_file() else b"<missing>"
-            if name == "dataset.json":
+            if name == "dataset.json" and path.is_file():
                 meta = {k: v for k, v in json.loads(content).items() if k != "created"}
                 content = json.dumps(meta, sort_keys=True).encode()
             h.update(content)

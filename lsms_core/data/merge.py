@@ -71,7 +71,8 @@ def merge_datasets(
     prefixes = [""] + [f"{root.name}-" for root in roots[1:]]
     for prefix in prefixes[1:]:
         _check_case_id(prefix + "x")  # a folder name that cannot prefix a case id fails here
-    seen: dict[str, Path] = {}
+    seen: dict[str, Path] = {}  # merged case id -> its source
+    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
     for root, dataset, prefix in zip(roots, datasets, prefixes):
         for case in dataset.cases:
             if prefix + case in seen:
@@ -80,8 +81,6 @@ def merge_datasets(
                     "rename one of the source folders (later sources' ids are prefixed with their folder name)"
                 )
             seen[prefix + case] = root
-    splits: dict[str, list[str]] = {split: [] for split in SPLITS}
-    for root, dataset, prefix in zip(roots, datasets, prefixes):
         if root in train_roots:
             splits["train"] += [prefix + c for c in dataset.cases]
             continue
