@@ -155,7 +155,6 @@ def evaluate_model(
     import torch
     from torch.utils.data import DataLoader
 
-    from lsms_core.data.dataset import other_lesion_on_slice
     from lsms_core.metrics import MetricAccumulator
     from lsms_core.model import preferred_memory_format
 
@@ -173,9 +172,9 @@ def evaluate_model(
     runner = model.fused_for_inference().to(memory_format=memory_format)  # eval mode; same masks, faster
     accumulator = MetricAccumulator()
     sizes: list[str | None] = []  # target_size_group of each pair, in the accumulator's order
-    contents: list[str | None] = []  # its SLICE_CONTENT_GROUPS name (None for a negative pair)
+    contents: list[str | None] = []  # its SLICE_CONTENT_GROUPS name (None: negative pair or drawn mask)
     slice_pairs = pairs.dataset  # the SliceDataset: its records and their cases' lesion slices
-    targets_of = {record["id"]: record.get("targets") or [] for record in slice_pairs.records}
+    record_of = {record["id"]: record for record in slice_pairs.records}
     records: list[dict] = []  # per_pair: what identifies each pair, in the accumulator's order
     presence_hits = done = 0
     try:
@@ -191,13 +190,10 @@ def evaluate_model(
                 accumulator.update_batch(pred_np, target_np, kinds)
                 slice_pixels = target_np.shape[1] * target_np.shape[2]
                 sizes += [target_size_group(int(t.sum()), slice_pixels) for t in target_np]
-                for i, c, z, t in zip(batch["id"], batch["case"], batch["z"], target_np):
-                    if not t.any():  # a negative pair has no slice-content group
-                        contents.append(None)
-                        continue
-                    lesions = slice_pairs.dataset.case_info(c)["lesions"]  # cached by the dataset
-                    crowded = other_lesion_on_slice(int(z), targets_of[i], lesions)
-                    contents.append(SLICE_CONTENT_GROUPS[int(crowded)])
+                for i, z, t in zip(batch["id"], batch["z"], target_np):
+                    # no group for a negative pair, nor for a drawn mask (its lesion is not recorded)
+                    other = slice_pairs.shows_other_lesion(record_of[i], int(z)) if t.any() else None
+                    contents.append(None if other is None else SLICE_CONTENT_GROUPS[int(other)])
                 if per_pair:
                     probs = torch.sigmoid(output.presence_logits.float()).cpu().tolist()
                     records += [

@@ -125,6 +125,44 @@ def test_slice_content_groups_split_the_positives_by_what_else_the_slice_shows(m
         assert group["n"] == len(ious) and group["mIoU"] == pytest.approx(float(np.mean(ious)))
 
 
+def test_a_drawn_mask_is_scored_but_in_no_slice_content_group(model, tmp_path):
+    """A record with a drawn mask does not say which lesion it is: evaluation counts its pairs
+    overall but cannot say whether the slice shows another lesion, and training does not repeat them."""
+    from lsms_core.data.dataset import DatasetWriter, SliceDataset
+    from lsms_core.io import write_volume
+    from tests.test_dataset import make_case
+
+    writer = DatasetWriter(tmp_path / "drawn", name="drawn", license="CC0-1.0")
+    image, lesions, organ = make_case(3)
+    writer.add_case("case_00", image, lesions, organ)
+    write_volume(tmp_path / "drawn" / "cases" / "case_00" / "masks" / "m1.nii.gz",
+                 (lesions == 1).astype(np.uint8), like=image)  # fmt: skip
+    writer.add_expressions(
+        [
+            {"case": "case_00", "expression": "the one I drew", "mask": "cases/case_00/masks/m1.nii.gz"},
+            {"case": "case_00", "expression": "the first lesion", "targets": [1]},
+        ]
+    )
+    writer.write_splits({"train": [], "val": ["case_00"], "test": []})
+    pairs = SliceDataset(tmp_path / "drawn", "val", image_size=32)
+    drawn, listed = pairs.records
+    shared = [z for i, z, _ in pairs.items if pairs.records[i] is listed and z in pairs._target_slices(drawn)]
+    assert shared, "both records should cover the same lesion slices"
+    assert pairs.shows_other_lesion(drawn, shared[0]) is None
+    assert pairs.shows_other_lesion(listed, shared[0]) is not None
+    repeated = SliceDataset(tmp_path / "drawn", "val", image_size=32, crowded_repeat=3)
+    assert sum(repeated.records[i] is repeated.records[0] for i, _, _ in repeated.items) == sum(
+        pairs.records[i] is drawn for i, _, _ in pairs.items
+    )
+
+    force_outputs(model, mask_logit=20.0, presence_logit=20.0)
+    report = evaluate_model(model, tmp_path / "drawn", "val", per_pair=True)
+    positives = [p for p in report["pairs"] if p["target_area"] > 0]
+    from_list = [p for p in positives if p["id"] == listed["id"]]
+    assert len(positives) > len(from_list) > 0
+    assert sum(g["n"] for g in report["per_slice_content"].values()) == len(from_list)
+
+
 def test_target_size_groups():
     assert target_size_group(0, 1000) is None
     assert target_size_group(1, 10_000) == "< 0.05 %"  # 0.01 %

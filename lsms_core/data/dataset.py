@@ -797,15 +797,19 @@ class _SliceDataset:
             chosen = rng.choice(candidates, size=min(per_negative, len(candidates)), replace=False)
             items += [(i, int(z), False) for z in chosen]
         if self.crowded_repeat > 1:
-            repeats = [self.crowded_repeat if self._crowded(i, z) else 1 for i, z, _ in items]
+            shows = [self.shows_other_lesion(self.records[i], z) for i, z, _ in items]
+            repeats = [self.crowded_repeat if other else 1 for other in shows]
             items = [item for item, n in zip(items, repeats) for _ in range(n)]
         return items
 
-    def _crowded(self, record_index: int, z: int) -> bool:
-        record = self.records[record_index]
-        if "targets" not in record:  # a drawn mask: which lesion it is, is not recorded
-            return False
-        lesions = self.dataset.case_info(record["case"])["lesions"]
+    def shows_other_lesion(self, record: dict, z: int) -> bool | None:
+        """Whether slice ``z`` of ``record``'s case also shows a lesion the expression does not refer
+        to; ``None`` for a record with a drawn mask instead of ``targets`` (which lesion it is, is
+        not recorded). Training repeats these items (``crowded_repeat``); evaluation reports them
+        apart (:data:`lsms_core.evaluate.SLICE_CONTENT_GROUPS`)."""
+        if "targets" not in record:
+            return None
+        lesions = self.dataset.case_info(record["case"])["lesions"]  # cached by the dataset
         return other_lesion_on_slice(z, record["targets"], lesions)
 
     def _candidate_slices(self, record: dict) -> list[int]:
