@@ -212,21 +212,17 @@ def miou_at_negatives_empty(pairs: list[dict], target: float) -> dict:
     """mIoU when the presence threshold is raised (from the 0.5 every figure uses) until at least
     ``target`` of the negative pairs are answered empty: the variants compared at the full model's
     operating point, not at a trade-off of their own. ``threshold`` is None when 0.5 already gets
-    there; a threshold can only be raised, since a vetoed answer's mask is not in the report."""
+    there; a threshold can only be raised, since a vetoed answer's mask is not in the report.
+    ``pairs`` are the pairs as scored there (:func:`vetoed`)."""
     import numpy as np
 
-    presence = np.array([p["presence"] for p in pairs], dtype=float)
-    positive = np.array([bool(p["target_area"]) for p in pairs])
-    iou = np.array([p["intersection"] / p["union"] if p["target_area"] else 0.0 for p in pairs])
-    answered = np.array([p["pred_area"] > 0 for p in pairs])
-    for t in [None, *np.unique(presence[(presence > 0.5) & answered])]:
-        kept = answered if t is None else answered & (presence > t)
-        if (~kept[~positive]).mean() >= target:
+    answered = sorted({p["presence"] for p in pairs if p["presence"] > 0.5 and p["pred_area"]})
+    for t in [None, *answered]:
+        gated = pairs if t is None else [vetoed(p, t) for p in pairs]
+        if np.mean([not p["pred_area"] for p in gated if not p["target_area"]]) >= target:
             break
-    return {
-        "threshold": None if t is None else float(t),
-        "mIoU": float(np.where(kept, iou, 0.0)[positive].mean()),
-    }
+    ious = [p["intersection"] / p["union"] for p in gated if p["target_area"]]
+    return {"threshold": None if t is None else float(t), "mIoU": float(np.mean(ious)), "pairs": gated}
 
 
 def vetoed(pair: dict, threshold: float) -> dict:
@@ -256,9 +252,8 @@ def add_deltas(rows: list[dict], out: Path) -> None:
             r["vs_full"] = paired_delta(full_pairs, pairs)
             r["vs_full_empty"] = paired_delta(full_pairs, pairs, score="empty")
             matched = miou_at_negatives_empty(pairs, full_empty)
-            if matched["threshold"] is not None:  # the same pairs with the answers that gate now vetoes
-                pairs = [vetoed(p, matched["threshold"]) for p in pairs]
-            r["at_full_empty"] = {**matched, "vs_full": paired_delta(full_pairs, pairs)}
+            gated = matched.pop("pairs")  # the same pairs with the answers the raised gate vetoes
+            r["at_full_empty"] = {**matched, "vs_full": paired_delta(full_pairs, gated)}
 
 
 def print_by_slice_content(rows: list[dict], out: Path, data: str) -> None:

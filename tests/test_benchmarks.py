@@ -127,10 +127,15 @@ def test_miou_at_the_full_models_negatives_empty_raises_the_presence_threshold()
         pair(0.2, 0),  # negative answered empty
     ]
     # at 0.5: 1/3 of the negatives empty, mIoU (1 + 0.5 + 0) / 3
-    assert ablations.miou_at_negatives_empty(pairs, 0.3) == {"threshold": None, "mIoU": 0.5}
+    def matched(target):
+        result = ablations.miou_at_negatives_empty(pairs, target)
+        return {k: result[k] for k in ("threshold", "mIoU")}, result["pairs"]
+
+    assert matched(0.3) == ({"threshold": None, "mIoU": 0.5}, pairs)
     # 2/3 empty: raise past 0.55 (the 0.6 positive stays); all empty: past 0.7 (the 0.6 one goes)
-    assert ablations.miou_at_negatives_empty(pairs, 0.6) == {"threshold": 0.55, "mIoU": 0.5}
-    assert ablations.miou_at_negatives_empty(pairs, 1.0) == {"threshold": 0.7, "mIoU": 1 / 3}
+    assert matched(0.6)[0] == {"threshold": 0.55, "mIoU": 0.5}
+    assert matched(1.0)[0] == {"threshold": 0.7, "mIoU": 1 / 3}
+    assert [p["pred_area"] for p in matched(1.0)[1]] == [4, 0, 0, 0, 0, 0]
     # the same threshold applied pair by pair: the 0.6 positive and both wrong negatives are emptied
     raised = [ablations.vetoed(p, 0.7) for p in pairs]
     assert [p["pred_area"] for p in raised] == [4, 0, 0, 0, 0, 0]
