@@ -216,11 +216,15 @@ def miou_at_negatives_empty(pairs: list[dict], target: float) -> dict:
     ``pairs`` are the pairs as scored there (:func:`vetoed`)."""
     import numpy as np
 
-    answered = sorted({p["presence"] for p in pairs if p["presence"] > 0.5 and p["pred_area"]})
+    # Only a negative's presence changes how many negatives are empty, so the candidates are those;
+    # every answer in a report is above the 0.5 gate, so the highest one empties them all.
+    negatives = [p for p in pairs if not p["target_area"]]
+    answered = sorted({p["presence"] for p in negatives if p["presence"] > 0.5 and p["pred_area"]})
     for t in [None, *answered]:
-        gated = pairs if t is None else [vetoed(p, t) for p in pairs]
-        if np.mean([not p["pred_area"] for p in gated if not p["target_area"]]) >= target:
+        gated = negatives if t is None else [vetoed(p, t) for p in negatives]
+        if np.mean([not p["pred_area"] for p in gated]) >= target:
             break
+    gated = pairs if t is None else [vetoed(p, t) for p in pairs]
     ious = [p["intersection"] / p["union"] for p in gated if p["target_area"]]
     return {"threshold": None if t is None else float(t), "mIoU": float(np.mean(ious)), "pairs": gated}
 
