@@ -359,6 +359,15 @@ class SVLABlock(nn.Module):
         self.norm2 = nn.BatchNorm2d(dim)
         self.ffn = ConvFFN(dim, max(1, int(round(dim * mlp_ratio))))
 
+    @torch.no_grad()
+    def reset_to_identity(self) -> None:
+        """Zero the last convolution of both residual branches: the block then returns its input
+        unchanged while every weight still receives gradients (a saved model deepened with new
+        blocks starts where it was)."""
+        for conv in (self.proj_out, self.ffn.fc2):
+            conv.weight.zero_()
+            conv.bias.zero_()
+
     def forward(self, x: torch.Tensor, text: TextFeatures) -> torch.Tensor:
         h = self.norm1(x)
         v = self.act(self.proj_in(h))

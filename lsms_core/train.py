@@ -89,6 +89,20 @@ GROWABLE_FIELDS = tuple(f for switch, sizes in GROWABLE_MODULES.items() for f in
 #: starts exactly where the saved one was (see :func:`widen_input_weight`).
 WIDENABLE_FIELD = "in_slices"
 
+#: ``depths`` may grow when fine-tuning (more SVLA blocks per stage, never fewer): the new blocks
+#: are appended at the end of their stage and start as identities
+#: (:meth:`~lsms_core.model.SVLABlock.reset_to_identity`), so the deepened model starts exactly where
+#: the saved one was.
+DEEPENABLE_FIELD = "depths"
+
+
+def deepened(requested, saved) -> bool:
+    """Whether ``requested`` (config or dict) has at least as many blocks as ``saved`` in every
+    stage and more in one."""
+    requested, saved = (c if isinstance(c, dict) else c.to_dict() for c in (requested, saved))
+    new, old = tuple(requested.get(DEEPENABLE_FIELD, ())), tuple(saved.get(DEEPENABLE_FIELD, ()))
+    return len(new) == len(old) and new != old and all(n >= o for n, o in zip(new, old))
+
 
 def widen_input_weight(weight, saved_slices: int, slices: int, trailing: int):
     """A convolution weight ``(out, in, kh, kw)`` whose last ``trailing`` input channels are the
@@ -115,9 +129,9 @@ def merge_fine_tune_config(saved: dict, requested: dict) -> tuple[dict, list[str
     """The config a fine-tune trains, and what it drops of the request (``LSMSConfig`` dicts).
 
     The saved model's config with the requested :data:`TRAINING_FIELDS`, the requested
-    :data:`GROWABLE_MODULES` switched on and a larger requested ``in_slices``; the second value
-    names (sorted) the other requested fields whose values differ from the model's and are
-    therefore not applied.
+    :data:`GROWABLE_MODULES` switched on, a larger requested ``in_slices`` and deeper requested
+    ``depths`` (:func:`deepened`); the second value names (sorted) the other requested fields whose
+    values differ from the model's and are therefore not applied.
     """
     merged = dict(saved)
     for name in TRAINING_FIELDS:
@@ -128,6 +142,8 @@ def merge_fine_tune_config(saved: dict, requested: dict) -> tuple[dict, list[str
             merged[name] = requested[name]
     if requested.get(WIDENABLE_FIELD, 0) > merged.get(WIDENABLE_FIELD, 0):
         merged[WIDENABLE_FIELD] = requested[WIDENABLE_FIELD]
+    if deepened(requested, merged):
+        merged[DEEPENABLE_FIELD] = requested[DEEPENABLE_FIELD]
     dropped = sorted(k for k in requested if k in merged and requested[k] != merged[k])
     return merged, dropped
 
@@ -655,7 +671,11 @@ class Trainer:
         from lsms_core.text_encoder import apply_trainable_policy
 
         model = load_model(self.init_from, device=device)
-        if switched_on(config, model.config) or config.in_slices != model.config.in_slices:
+        if (
+            switched_on(config, model.config)
+            or config.in_slices != model.config.in_slices
+            or deepened(config, model.config)
+        ):
             model = self._grow(model, config).to(device)
         model.config = config
         apply_trainable_policy(model.text_encoder, config.text_trainable, config.text_trainable_layers)
@@ -665,12 +685,19 @@ class Trainer:
     @staticmethod
     def _grow(saved: LSMS, config: LSMSConfig) -> LSMS:
         """A model built from ``config`` holding every weight of ``saved``; only the modules that
-        ``GROWABLE_FIELDS`` switched on are new (and start as no-ops), and with a larger
-        ``in_slices`` the convolutions reading the input are widened (:func:`widen_input_weight`)."""
+        ``GROWABLE_FIELDS`` switched on and the blocks of deeper ``depths`` are new (and start as
+        no-ops), and with a larger ``in_slices`` the convolutions reading the input are widened
+        (:func:`widen_input_weight`)."""
         from lsms_core.model import LSMS
 
-        new_modules = tuple(f"{switch}." for switch in switched_on(config, saved.config))
         grown = LSMS(config, text_encoder=saved.text_encoder, tokenizer=saved.tokenizer)
+        new_blocks = [
+            (f"encoder.stages.{i}.{j}.", grown.encoder.stages[i][j])
+            for i, depth in enumerate(saved.config.depths)
+            for j in range(depth, config.depths[i])
+        ]
+        new_modules = tuple(f"{switch}." for switch in switched_on(config, saved.config))
+        new_modules += tuple(prefix for prefix, _ in new_blocks)
         state = saved.state_dict()
         extra = config.in_slices - saved.config.in_slices
         if extra:
@@ -684,8 +711,11 @@ class Trainer:
         if unexpected or any(not k.startswith(new_modules) for k in missing):
             raise ValueError(
                 f"cannot grow the saved model into the requested config (missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}); only {GROWABLE_FIELDS} may change when fine-tuning"
+                f"unexpected {unexpected[:5]}); only {GROWABLE_FIELDS}, a larger {WIDENABLE_FIELD} and "
+                f"deeper {DEEPENABLE_FIELD} may change when fine-tuning"
             )
+        for _, block in new_blocks:
+            block.reset_to_identity()
         logger.info("grown with %s: %d new weight tensors", ", ".join(new_modules), len(missing))
         return grown
 

@@ -441,6 +441,38 @@ def test_fine_tune_can_widen_a_saved_model_to_more_adjacent_slices(small_config,
     assert merged["in_slices"] == 5 and dropped == ["in_slices"]
 
 
+def test_fine_tune_can_deepen_a_saved_model(small_config, data_dir, tmp_path):
+    """More SVLA blocks per stage: the new blocks start as identities (same masks and presence as
+    the saved model), then train; fewer blocks than the model has are not applied."""
+    from lsms_core.checkpoint import load_model, save_model
+    from lsms_core.model import LSMS
+    from lsms_core.train import deepened, merge_fine_tune_config
+
+    torch.manual_seed(0)
+    shallow = dataclasses.replace(small_config, depths=(1, 1, 1, 1))
+    base = save_model(LSMS(shallow), tmp_path / "base.safetensors")
+    saved = load_model(base).eval()
+    deep = dataclasses.replace(shallow, depths=(1, 2, 1, 3))
+    trainer = Trainer(deep, fast_config(max_steps=2), data_dir, tmp_path / "ft", init_from=base)
+    grown = trainer._build_model(trainer._resolve_model_config(), torch.device("cpu")).eval()
+    assert [len(stage) for stage in grown.encoder.stages] == [1, 2, 1, 3]
+    images = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        expected, got = saved(images, "the lesion"), grown(images, "the lesion")
+    torch.testing.assert_close(got.logits, expected.logits)
+    torch.testing.assert_close(got.presence_logits, expected.presence_logits)
+    assert trainer.fit()["step"] == 2
+    tuned = load_model(tmp_path / "ft" / "last.safetensors")
+    assert tuned.config.depths == (1, 2, 1, 3)
+    # the new blocks left identity: their residual outputs were trained
+    assert tuned.encoder.stages[3][2].proj_out.weight.abs().sum() > 0
+    assert tuned.encoder.stages[1][1].ffn.fc2.weight.abs().sum() > 0
+    assert deepened(deep, shallow) and not deepened(shallow, deep) and not deepened(deep, deep)
+    assert not deepened(dataclasses.replace(deep, depths=(2, 1, 1, 3)), deep)  # one stage grows, one shrinks
+    merged, dropped = merge_fine_tune_config(deep.to_dict(), shallow.to_dict())
+    assert tuple(merged["depths"]) == (1, 2, 1, 3) and dropped == ["depths"]
+
+
 def test_growable_switches_only_turn_on(small_config):
     from lsms_core.train import GROWABLE_FIELDS, switched_on
 
