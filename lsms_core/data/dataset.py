@@ -797,7 +797,9 @@ class _SliceDataset:
             chosen = rng.choice(candidates, size=min(per_negative, len(candidates)), replace=False)
             items += [(i, int(z), False) for z in chosen]
         if self.crowded_repeat > 1:
-            repeats = [self.crowded_repeat if self.shows_other_lesion(self.records[i], z) else 1 for i, z, _ in items]
+            repeats = [
+                self.crowded_repeat if self.shows_other_lesion(self.records[i], z) else 1 for i, z, _ in items
+            ]
             items = [item for item, n in zip(items, repeats) for _ in range(n)]
         return items
 
