@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -533,6 +534,15 @@ def test_empty_val_split_validates_on_train_with_warning(small_config, tmp_path)
 # ------------------------------------------------------------------------------------------ DDP
 
 
+def _gloo_teardown_abort(stderr: str, out: Path) -> bool:
+    """Whether a failed torchrun died in C++ teardown after the run ended (its log says "end")."""
+    if "terminate called without an active exception" not in stderr:
+        return False
+    log = out / "log.jsonl"
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()] if log.exists() else []
+    return events[-1:] == ["end"]
+
+
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_write_one_model(small_config, data_dir, tmp_path):
     spec = {
@@ -541,13 +551,24 @@ def test_ddp_two_gloo_processes_write_one_model(small_config, data_dir, tmp_path
     }
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(spec))
-    out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "lsms_core.train", "--data", str(data_dir), "--out", str(out), "--config-json", str(config_file),
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=170, env=env)
+
+    def run(out: Path) -> subprocess.CompletedProcess:
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            "-m", "lsms_core.train", "--data", str(data_dir), "--out", str(out), "--config-json", str(config_file),
+        ]  # fmt: skip
+        return subprocess.run(command, capture_output=True, text=True, timeout=170, env=env)
+
+    out = tmp_path / "ddp"
+    result = run(out)
+    if result.returncode != 0 and _gloo_teardown_abort(result.stderr, out):
+        # Once in CI (0 of 60 runs on this machine), a rank hit std::terminate in torch's C++ code
+        # after the run had ended and written everything. One fresh run, and say so.
+        message = f"a torchrun rank aborted after the run ended; rerunning once:\n{result.stderr[-1500:]}"
+        warnings.warn(message, stacklevel=1)
+        out = tmp_path / "ddp_again"
+        result = run(out)
     assert result.returncode == 0, result.stderr[-3000:]
     summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["step"] == 2  # only rank 0 prints
