@@ -126,6 +126,7 @@ def evaluate_model(
     progress: Callable[[int, int], None] | None = None,
     max_items: int | None = None,
     per_pair: bool = False,
+    scales: tuple[float, ...] = (1.0,),
 ) -> dict[str, Any]:
     """Evaluate ``model`` on the (expression, slice) pairs of ``split``.
 
@@ -142,6 +143,8 @@ def evaluate_model(
             (expression), ``case``, ``z``, ``kind``, the pixel counts ``intersection``, ``union``,
             ``pred_area``, ``target_area`` and ``presence`` (the presence head's probability), e.g.
             to compare two models pair by pair or case by case.
+        scales: input scales whose probabilities are averaged (:meth:`~lsms_core.model.LSMS.predict`);
+            ``(1.0,)`` is a single forward pass.
 
     Returns:
         ``{"split", "items", "total_items", "image_size", "threshold", "overall": {...},
@@ -156,10 +159,11 @@ def evaluate_model(
     from torch.utils.data import DataLoader
 
     from lsms_core.metrics import MetricAccumulator
-    from lsms_core.model import preferred_memory_format
+    from lsms_core.model import check_scales, preferred_memory_format
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    scales = check_scales(scales)
     size = int(image_size or model.config.image_size)
     pairs, total = evaluation_pairs(model.config, dataset, split, image_size=size, max_items=max_items)
     indices = pairs.indices
@@ -180,9 +184,10 @@ def evaluate_model(
     try:
         with torch.inference_mode():
             for batch in loader:
-                output = runner(batch["image"].to(device, memory_format=memory_format), list(batch["text"]))
-                present = torch.sigmoid(output.presence_logits.float()) > THRESHOLD
-                pred = (torch.sigmoid(output.logits.float()) > THRESHOLD) & present[:, None, None, None]
+                images = batch["image"].to(device, memory_format=memory_format)
+                mask_prob, presence_prob = runner.predict(images, list(batch["text"]), scales)
+                present = presence_prob > THRESHOLD
+                pred = (mask_prob > THRESHOLD) & present[:, None, None, None]
                 target = batch["mask"].to(device) > 0.5
                 presence_hits += int((present == target.flatten(1).any(1)).sum())
                 kinds = [kind or None for kind in batch["kind"]]
@@ -195,7 +200,7 @@ def evaluate_model(
                     other = slice_pairs.shows_other_lesion(record_of[i], int(z)) if t.any() else None
                     contents.append(None if other is None else SLICE_CONTENT_GROUPS[int(other)])
                 if per_pair:
-                    probs = torch.sigmoid(output.presence_logits.float()).cpu().tolist()
+                    probs = presence_prob.cpu().tolist()
                     records += [
                         {"id": i, "case": c, "z": int(z), "kind": k, "presence": round(p, 4)}
                         for i, c, z, k, p in zip(batch["id"], batch["case"], batch["z"], batch["kind"], probs)
@@ -221,6 +226,7 @@ def evaluate_model(
         "total_items": total,
         "image_size": size,
         "threshold": THRESHOLD,
+        "scales": list(scales),
         "overall": overall,
         "per_kind": per_kind,
         "per_target_size": per_target_size,
@@ -282,6 +288,7 @@ def evaluate_volumes(
     batch_size: int = 8,
     max_expressions: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    scales: tuple[float, ...] = (1.0,),
 ) -> dict[str, Any]:
     """Evaluate ``model`` in 3D: one :meth:`Segmenter.segment <lsms_core.infer.Segmenter.segment>`
     per expression of ``split`` over its whole case, scored against the 3D target.
@@ -292,6 +299,8 @@ def evaluate_volumes(
         dataset: a :class:`~lsms_core.data.dataset.ReferringDataset` or its folder.
         max_expressions: an evenly spaced deterministic subset of at most this many expressions.
         progress: called as ``progress(done, total)`` after each expression.
+        scales: input scales averaged per slice (the Segmenter's ``scales``; ignored for a ready
+            Segmenter, which keeps its own).
 
     Returns:
         ``{"split", "level": "volume", "items", "total_items", "threshold", "overall": {...},
@@ -305,7 +314,9 @@ def evaluate_volumes(
 
     dataset = _open_split(dataset, split)
     segmenter = (
-        model if isinstance(model, Segmenter) else Segmenter(model, device=device, batch_size=batch_size)
+        model
+        if isinstance(model, Segmenter)
+        else Segmenter(model, device=device, batch_size=batch_size, scales=scales)
     )
     every = dataset.expressions(split)
     records = [every[i] for i in evenly_spaced(len(every), max_expressions)]
@@ -327,6 +338,7 @@ def evaluate_volumes(
         "items": len(records),
         "total_items": len(every),
         "threshold": THRESHOLD,
+        "scales": list(segmenter.scales),
         "overall": computed,
         "per_kind": per_kind,
     }
@@ -356,12 +368,14 @@ def evaluate_path(
     progress: Callable[[int, int], None] | None = None,
     level: str = "slice",
     per_pair: bool = False,
+    scales: tuple[float, ...] = (1.0,),
 ) -> dict[str, Any]:
     """Load a saved model, evaluate it on ``data``'s ``split`` and optionally write the JSON report.
 
     ``level="slice"`` runs :func:`evaluate_model` (2D pairs; ``max_items`` pairs at most),
     ``level="volume"`` runs :func:`evaluate_volumes` (3D; ``max_items`` expressions at most).
-    ``per_pair`` adds :func:`evaluate_model`'s per-pair records (2D only).
+    ``per_pair`` adds :func:`evaluate_model`'s per-pair records (2D only); ``scales`` are the
+    input scales averaged per slice (:meth:`~lsms_core.model.LSMS.predict`).
 
     The report is :func:`evaluate_model`'s dict plus ``model`` (path), ``model_version``,
     ``data`` (folder) and ``data_fingerprint``. ``json_out`` is written atomically.
@@ -371,11 +385,13 @@ def evaluate_path(
     from lsms_core.checkpoint import load_model
     from lsms_core.data.dataset import ReferringDataset
     from lsms_core.infer import resolve_device
+    from lsms_core.model import check_scales
 
     if level not in ("slice", "volume"):
         raise ValueError(f"level must be 'slice' (2D pairs) or 'volume' (3D), got {level!r}")
     if per_pair and level != "slice":
         raise ValueError("per_pair records exist for level='slice' (2D pairs) only")
+    scales = check_scales(scales)
     dataset = ReferringDataset(data)  # clear errors for a bad folder before loading the model
     resolved = resolve_device(device)
     model = load_model(model_path, device=resolved)
@@ -388,6 +404,7 @@ def evaluate_path(
             batch_size=batch_size,
             max_expressions=max_items,
             progress=progress,
+            scales=scales,
         )
     else:
         report = evaluate_model(
@@ -399,6 +416,7 @@ def evaluate_path(
             max_items=max_items,
             progress=progress,
             per_pair=per_pair,
+            scales=scales,
         )
     card = getattr(model, "model_card", {}) or {}
     report = {

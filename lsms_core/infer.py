@@ -202,6 +202,9 @@ class Segmenter:
         device: ``"auto"`` (cuda, then mps, then cpu) or a name from :func:`available_devices`.
         batch_size: slices per forward pass.
         min_lesion_mm3: minimum component volume kept for plural expressions.
+        scales: input scales whose probabilities are averaged per slice
+            (:meth:`~lsms_core.model.LSMS.predict`); ``(1.0,)``, the default, is one forward pass,
+            ``(1.0, 1.2)`` costs about 2.4 passes.
 
     Example::
 
@@ -217,16 +220,18 @@ class Segmenter:
         device: str = "auto",
         batch_size: int = 8,
         min_lesion_mm3: float = 20.0,
+        scales: tuple[float, ...] = (1.0,),
     ):
+        from lsms_core.model import check_scales, preferred_memory_format
+
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.scales = check_scales(scales)
         self.device = resolve_device(device)
         if model is None or isinstance(model, (str, os.PathLike)):
             from lsms_core.checkpoint import load_model
 
             model = load_model(None if model is None else Path(model), device=str(self.device))
-        from lsms_core.model import preferred_memory_format
-
         self.memory_format = preferred_memory_format(self.device)
         # Batch norm folded into the convolutions: the same masks, faster. A given model is moved to
         # the device (as before) but otherwise left as it is; the copy shares its text encoder.
@@ -343,7 +348,9 @@ class Segmenter:
                 images = images.to(self.device, memory_format=self.memory_format)
                 t1 = time.perf_counter()
                 try:
-                    out = self.model(images, _expand(features, len(idx)))
+                    mask_prob, presence_prob = self.model.predict(
+                        images, _expand(features, len(idx)), self.scales
+                    )
                 except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA), MPS "out of memory"
                     if "out of memory" not in str(exc).lower():
                         raise
@@ -351,8 +358,8 @@ class Segmenter:
                         f"the {self.device.type} device ran out of memory segmenting {len(idx)} slices at once; "
                         "use a smaller batch size (lsms predict --batch-size) or the cpu device"
                     ) from exc
-                prob_small = torch.sigmoid(out.logits[:, 0].float()).cpu().numpy()
-                presence[idx] = torch.sigmoid(out.presence_logits.float()).cpu().numpy()
+                prob_small = mask_prob[:, 0].cpu().numpy()
+                presence[idx] = presence_prob.cpu().numpy()
                 t2 = time.perf_counter()
                 prob[idx] = resize_mask_back(prob_small, hu.shape[1:])
                 timings["prepare"] += (t1 - t0) + (time.perf_counter() - t2)

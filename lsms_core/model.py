@@ -546,6 +546,19 @@ class PresenceHead(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+def check_scales(scales) -> tuple[float, ...]:
+    """``scales`` for :meth:`LSMS.predict` as a tuple of floats, or a ValueError that says why."""
+    try:
+        values = tuple(float(s) for s in scales)
+    except (TypeError, ValueError):
+        raise ValueError(f"scales must be a list of numbers such as 1.0 1.2, got {scales!r}") from None
+    if not values or any(not math.isfinite(v) or not 0.25 <= v <= 4.0 for v in values):
+        raise ValueError(
+            f"scales must be 1 to a few factors between 0.25 and 4 (e.g. 1.0 1.2), got {scales!r}"
+        )
+    return values
+
+
 class LSMS(nn.Module):
     """Language-guided Scale-aware MedSegmentor.
 
@@ -755,3 +768,42 @@ class LSMS(nn.Module):
             logit_scale=self.logit_scale.clamp(0.0, math.log(100.0)).exp(),
             texts=texts,
         )
+
+    def predict(
+        self,
+        images: torch.Tensor,
+        text: list[str] | str | TextFeatures,
+        scales: tuple[float, ...] = (1.0,),
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask and presence probabilities, optionally averaged over input scales.
+
+        With ``scales=(1.0,)`` this is ``sigmoid`` of :meth:`forward`'s ``logits`` and
+        ``presence_logits``. Other scales resize the images bilinearly by that factor, run the
+        model, resize the mask logits back, and the probabilities of all scales are averaged
+        (test-time multi-scale inference; our addition, the paper is silent). Each scale costs
+        about ``scale**2`` forward passes. The text is encoded once for all scales.
+
+        Returns:
+            ``(mask (B, 1, H, W), presence (B,))`` as float probabilities.
+        """
+        scales = check_scales(scales)
+        if not isinstance(text, TextFeatures):
+            if isinstance(text, str):
+                text = [text] * images.shape[0]
+            text = self.encode_text(list(text))
+        height, width = images.shape[-2:]
+        masks, presences = [], []
+        for scale in scales:
+            x = images
+            if scale != 1.0:
+                size = (max(1, round(height * scale)), max(1, round(width * scale)))
+                x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+            out = self(x, text)
+            logits = out.logits.float()
+            if scale != 1.0:
+                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+            masks.append(torch.sigmoid(logits))
+            presences.append(torch.sigmoid(out.presence_logits.float()))
+        if len(scales) == 1:
+            return masks[0], presences[0]
+        return torch.stack(masks).mean(0), torch.stack(presences).mean(0)

@@ -310,6 +310,12 @@ def test_train_json_progress_then_evaluate(tiny_encoder_dir, tmp_path, capsys):
     assert main([*args, "--level", "volume", "--json", str(volume_report), "--max-items", "2"]) == 0
     saved = json.loads(volume_report.read_text())
     assert saved["level"] == "volume" and saved["items"] == 2 and "mIoU" in saved["overall"]
+    assert saved["scales"] == [1.0]
+    multi = ["--json", str(report), "--max-items", "4", "--scales", "1", "1.25"]
+    assert main([*args, *multi]) == 0
+    assert json.loads(report.read_text())["scales"] == [1.0, 1.25]
+    assert main([*args, "--scales", "0"]) == 2
+    assert "scales must be" in capsys.readouterr().err
 
 
 def test_gui_passes_its_arguments_to_napari_lsms(monkeypatch, capsys):

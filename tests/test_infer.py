@@ -128,6 +128,23 @@ def test_text_is_encoded_once(model3, monkeypatch):
     assert counter["n"] == 1
 
 
+def test_scales_average_each_slice_over_input_sizes(model3):
+    ct = _ct()
+    results = {
+        scales: Segmenter(model3, device="cpu", batch_size=4, scales=scales).segment(
+            ct, "the lesion", return_probability=True
+        )
+        for scales in [(1.0,), (1.5,), (1.0, 1.5)]
+    }
+    both = results[(1.0, 1.5)]
+    one, other = results[(1.0,)], results[(1.5,)]
+    assert not np.allclose(one.slice_scores, other.slice_scores)
+    np.testing.assert_allclose(both.slice_scores, (one.slice_scores + other.slice_scores) / 2, atol=1e-5)
+    np.testing.assert_allclose(both.probability, (one.probability + other.probability) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="scales must be"):
+        Segmenter(model3, device="cpu", scales=(0.0,))
+
+
 @pytest.mark.parametrize(
     ("volume", "text", "match"),
     [

@@ -115,6 +115,32 @@ def test_single_string_is_used_for_every_image(tiny_model):
     torch.testing.assert_close(a, b)
 
 
+def test_predict_averages_the_probabilities_of_its_input_scales(tiny_model):
+    model = tiny_model.eval()
+    images = torch.rand(2, 1, 32, 32)
+
+    def resized(t, size):
+        return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+
+    with torch.no_grad():
+        plain = model(images, "the lesion")
+        big = model(resized(images, 48), "the lesion")
+        mask, presence = model.predict(images, "the lesion")
+        mask2, presence2 = model.predict(images, ["the lesion"] * 2, scales=(1.0, 1.5))
+    torch.testing.assert_close(mask, torch.sigmoid(plain.logits))
+    torch.testing.assert_close(presence, torch.sigmoid(plain.presence_logits))
+    expected = (torch.sigmoid(plain.logits) + torch.sigmoid(resized(big.logits, 32))) / 2
+    torch.testing.assert_close(mask2, expected)
+    torch.testing.assert_close(presence2, (presence + torch.sigmoid(big.presence_logits)) / 2)
+    assert mask2.shape == (2, 1, 32, 32) and not torch.allclose(mask2, mask)
+
+
+@pytest.mark.parametrize("scales", [(), ("big",), (0.0,), (1.0, float("nan")), (10.0,), None])
+def test_predict_rejects_bad_scales(tiny_model, scales):
+    with pytest.raises(ValueError, match="scales must be"):
+        tiny_model.predict(torch.rand(1, 1, 32, 32), "the lesion", scales=scales)
+
+
 def _conv_norm_blocks_with_batch_norm(model: LSMS) -> int:
     return sum(
         isinstance(block, ConvNormAct) and isinstance(block[1], torch.nn.BatchNorm2d)
