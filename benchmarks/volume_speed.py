@@ -44,19 +44,20 @@ def make_ct(shape: tuple[int, int, int] = (100, 512, 512), seed: int = 0) -> np.
     return hu
 
 
-def load_segmenter(model: str | None, device: str, batch_size: int):
+def load_segmenter(model: str | None, device: str, batch_size: int, scales=(1.0,)):
     """``(Segmenter, description)``: the given model, the shipped one, or an untrained default."""
     from lsms_core.checkpoint import default_model_path
     from lsms_core.infer import Segmenter
 
+    options = dict(device=device, batch_size=batch_size, scales=scales)
     if model:
-        return Segmenter(model, device=device, batch_size=batch_size), f"model {model}"
+        return Segmenter(model, **options), f"model {model}"
     if default_model_path().is_file():
-        return Segmenter(None, device=device, batch_size=batch_size), f"shipped model {default_model_path()}"
+        return Segmenter(None, **options), f"shipped model {default_model_path()}"
     from lsms_core.model import LSMS, LSMSConfig
 
     return (
-        Segmenter(LSMS(LSMSConfig()), device=device, batch_size=batch_size),
+        Segmenter(LSMS(LSMSConfig()), **options),
         "UNTRAINED model of the default LSMSConfig (no shipped model yet; speed does not depend on weights)",
     )
 
@@ -92,15 +93,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--text", default="the largest lesion in the liver")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="Segmenter scales, e.g. 1 1.2")
     args = parser.parse_args(argv)
 
     import torch
 
     from lsms_core.io import Volume, write_volume
 
-    segmenter, which = load_segmenter(args.model, args.device, args.batch_size)
+    segmenter, which = load_segmenter(args.model, args.device, args.batch_size, tuple(args.scales))
     print(
-        f"{which}\ndevice {segmenter.device}, torch threads {torch.get_num_threads()}, batch {args.batch_size}"
+        f"{which}\ndevice {segmenter.device}, torch threads {torch.get_num_threads()}, batch {args.batch_size}, "
+        f"scales {list(segmenter.scales)}"
     )
     config = segmenter.config
     print(f"config: image_size {config.image_size}, in_slices {config.in_slices}")

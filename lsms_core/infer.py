@@ -254,6 +254,7 @@ class Segmenter:
         progress: Callable[[int, int], None] | None = None,
         should_cancel: Callable[[], bool] | None = None,
         return_probability: bool = False,
+        scales: tuple[float, ...] | None = None,
     ) -> SegmentationResult:
         """Segment what ``text`` refers to in ``volume`` (HU, ``(z, y, x)``).
 
@@ -267,12 +268,15 @@ class Segmenter:
             should_cancel: checked between batches; when it returns True the run stops and the
                 result has ``cancelled=True`` and an empty mask.
             return_probability: also return the probability volume (float32, input grid).
+            scales: input scales for this call (default: the Segmenter's ``scales``).
         """
         from lsms_core.data.expressions import expression_number
         from lsms_core.io import Volume, from_canonical, to_canonical
+        from lsms_core.model import check_scales
 
         start = time.perf_counter()
         text = _check_text(text)
+        scales = self.scales if scales is None else check_scales(scales)
         original = volume if isinstance(volume, Volume) else None
         array = _check_array(original.array if original is not None else volume)
         z_range = _check_range(slices, array.shape[0])
@@ -287,7 +291,7 @@ class Segmenter:
         todo = np.flatnonzero(wanted & body_slices(hu))
         timings = {"prepare": time.perf_counter() - start}
 
-        prob, presence, cancelled = self._predict(hu, todo, text, timings, progress, should_cancel)
+        prob, presence, cancelled = self._predict(hu, todo, text, scales, timings, progress, should_cancel)
 
         t0 = time.perf_counter()
         if cancelled:
@@ -317,8 +321,8 @@ class Segmenter:
             timings=timings,
         )
 
-    def _predict(self, hu, todo, text, timings, progress, should_cancel):
-        """Run the model on canonical slices ``todo`` of ``hu`` in batches.
+    def _predict(self, hu, todo, text, scales, timings, progress, should_cancel):
+        """Run the model on canonical slices ``todo`` of ``hu`` in batches (averaged over ``scales``).
 
         Returns ``(prob (z, y, x), presence (z,), cancelled)``; adds ``prepare``/``model`` seconds
         to ``timings``.
@@ -348,9 +352,7 @@ class Segmenter:
                 images = images.to(self.device, memory_format=self.memory_format)
                 t1 = time.perf_counter()
                 try:
-                    mask_prob, presence_prob = self.model.predict(
-                        images, _expand(features, len(idx)), self.scales
-                    )
+                    mask_prob, presence_prob = self.model.predict(images, _expand(features, len(idx)), scales)
                 except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA), MPS "out of memory"
                     if "out of memory" not in str(exc).lower():
                         raise

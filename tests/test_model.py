@@ -291,7 +291,9 @@ def test_refinement_head_starts_as_the_upsampled_coarse_logits_then_learns(tiny_
     torch.manual_seed(0)
     config = make_tiny_config(tiny_encoder_dir, refine_head=True)
     model = LSMS(config, tiny_model.text_encoder, tiny_model.tokenizer)
-    plain = LSMS(dataclasses.replace(config, refine_head=False), tiny_model.text_encoder, tiny_model.tokenizer)
+    plain = LSMS(
+        dataclasses.replace(config, refine_head=False), tiny_model.text_encoder, tiny_model.tokenizer
+    )
     plain.load_state_dict(model.state_dict(), strict=False)
     images, texts = torch.rand(2, 1, 40, 50), ["the lesion", "the largest lesion"]
     with torch.no_grad():

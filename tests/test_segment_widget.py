@@ -235,6 +235,36 @@ def test_segment_makes_labels_with_one_id_per_description(
     assert SECOND in SegmentWidget(viewer)._completion_model.stringList()
 
 
+def test_the_multiscale_option_reaches_the_segmenter(
+    make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes, monkeypatch
+):
+    from lsms_core.infer import Segmenter
+    from lsms_core.io import read_volume
+    from napari_lsms._widget import MULTI_SCALES
+
+    seen = []
+    segment = Segmenter.segment
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("scales"))
+        return segment(self, *args, **kwargs)
+
+    monkeypatch.setattr(Segmenter, "segment", spy)
+    viewer, _image = _viewer_with_ct(make_napari_viewer, ct_path)
+    widget = _widget(viewer, model_path)
+    assert not widget.multiscale_check.isChecked()  # one pass unless asked
+    _run(qtbot, widget, FIRST, "slice range", 0, 2)
+    widget.multiscale_check.setChecked(True)
+    _run(qtbot, widget, FIRST, "slice range", 0, 2)
+    assert not [n for n in notes if n[0] == "error"], notes
+    assert seen == [(1.0,), MULTI_SCALES]
+    assert len(widget.segmenters) == 1  # the same loaded model serves both
+    expected = Segmenter(model_path, device="cpu").segment(
+        read_volume(ct_path), FIRST, slices=(0, 3), scales=MULTI_SCALES
+    )
+    np.testing.assert_array_equal(viewer.layers[LABELS_NAME].data == 1, expected.mask > 0)
+
+
 def test_preload_loads_the_selected_model_once_in_the_background(
     make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes
 ):
@@ -395,7 +425,9 @@ def test_save_correction_keeps_model_and_corrected_masks(
     assert widget.corrections_count.text() == "1"
 
 
-def test_main_opens_a_ct_with_the_widgets_docked(make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes):
+def test_main_opens_a_ct_with_the_widgets_docked(
+    make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes
+):
     from lsms_core.checkpoint import default_model_path
     from napari_lsms._main import launch
 
