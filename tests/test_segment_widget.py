@@ -579,7 +579,7 @@ class _SlowSegmenter:
 
         self.started, self.saw_cancel = threading.Event(), threading.Event()
 
-    def segment(self, volume, text, *, slices=None, progress=None, should_cancel=None):
+    def segment(self, volume, text, *, slices=None, progress=None, should_cancel=None, scales=None):
         import time
         from types import SimpleNamespace
 
