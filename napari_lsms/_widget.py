@@ -480,7 +480,7 @@ class SegmentWidget(QWidget):
         self.multiscale_check = QCheckBox("also at 1.2x (slower, a little more accurate)")
         self.multiscale_check.setToolTip(
             "Average the model's answers at the CT's own input size and 1.2x larger: about 2.4x the "
-            "time; on the benchmark's test slices mIoU 0.678 -> 0.686 (docs/benchmarks.md)"
+            "time; measured gains for the shipped model in docs/benchmarks.md (multi-scale inference)"
         )
 
         self.window_combo = QComboBox()
