@@ -127,6 +127,7 @@ def evaluate_model(
     max_items: int | None = None,
     per_pair: bool = False,
     scales: tuple[float, ...] = (1.0,),
+    gate: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` on the (expression, slice) pairs of ``split``.
 
@@ -145,6 +146,8 @@ def evaluate_model(
             to compare two models pair by pair or case by case.
         scales: input scales whose probabilities are averaged (:meth:`~lsms_core.model.LSMS.predict`);
             ``(1.0,)`` is a single forward pass.
+        gate: :meth:`~lsms_core.model.LSMS.predict`'s ``gate`` for the extra scales (``None``: its
+            default, :data:`~lsms_core.model.SCALES_GATE`; 0 averages every pair over every scale).
 
     Returns:
         ``{"split", "items", "total_items", "image_size", "threshold", "overall": {...},
@@ -159,11 +162,12 @@ def evaluate_model(
     from torch.utils.data import DataLoader
 
     from lsms_core.metrics import MetricAccumulator
-    from lsms_core.model import check_scales, preferred_memory_format
+    from lsms_core.model import SCALES_GATE, check_scales, preferred_memory_format
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     scales = check_scales(scales)
+    gate = SCALES_GATE if gate is None else float(gate)
     size = int(image_size or model.config.image_size)
     pairs, total = evaluation_pairs(model.config, dataset, split, image_size=size, max_items=max_items)
     indices = pairs.indices
@@ -185,7 +189,7 @@ def evaluate_model(
         with torch.inference_mode():
             for batch in loader:
                 images = batch["image"].to(device, memory_format=memory_format)
-                mask_prob, presence_prob = runner.predict(images, list(batch["text"]), scales)
+                mask_prob, presence_prob = runner.predict(images, list(batch["text"]), scales, gate)
                 present = presence_prob > THRESHOLD
                 pred = (mask_prob > THRESHOLD) & present[:, None, None, None]
                 target = batch["mask"].to(device) > 0.5
@@ -227,6 +231,7 @@ def evaluate_model(
         "image_size": size,
         "threshold": THRESHOLD,
         "scales": list(scales),
+        "gate": gate if len(scales) > 1 else None,
         "overall": overall,
         "per_kind": per_kind,
         "per_target_size": per_target_size,

@@ -546,6 +546,11 @@ class PresenceHead(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
+#: :meth:`LSMS.predict`'s default ``gate``: extra scales skip images whose first-scale presence or
+#: peak mask probability is below it (chosen on the validation split, docs/benchmarks.md).
+SCALES_GATE = 0.1
+
+
 def check_scales(scales) -> tuple[float, ...]:
     """``scales`` for :meth:`LSMS.predict` as a tuple of floats, or a ValueError that says why."""
     try:
@@ -774,6 +779,7 @@ class LSMS(nn.Module):
         images: torch.Tensor,
         text: list[str] | str | TextFeatures,
         scales: tuple[float, ...] = (1.0,),
+        gate: float = SCALES_GATE,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask and presence probabilities, optionally averaged over input scales.
 
@@ -783,27 +789,49 @@ class LSMS(nn.Module):
         (test-time multi-scale inference; our addition, the paper is silent). Each scale costs
         about ``scale**2`` forward passes. The text is encoded once for all scales.
 
+        ``gate`` makes the extra scales a cascade: they run only on the images whose answer at
+        ``scales[0]`` is not confidently empty (presence and peak mask probability both at least
+        ``gate``); the others keep the first scale's probabilities. For a skipped image the
+        averaged answer could only differ if another scale were above ``1 - gate`` where the
+        first is below ``gate``. ``gate=0`` averages every image over every scale.
+
         Returns:
             ``(mask (B, 1, H, W), presence (B,))`` as float probabilities.
         """
         scales = check_scales(scales)
+        if not 0.0 <= gate < 0.5:
+            raise ValueError(f"gate must be in [0, 0.5), got {gate!r}")
         if not isinstance(text, TextFeatures):
             if isinstance(text, str):
                 text = [text] * images.shape[0]
             text = self.encode_text(list(text))
-        height, width = images.shape[-2:]
-        masks, presences = [], []
-        for scale in scales:
-            x = images
-            if scale != 1.0:
-                size = (max(1, round(height * scale)), max(1, round(width * scale)))
-                x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
-            out = self(x, text)
-            logits = out.logits.float()
-            if scale != 1.0:
-                logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-            masks.append(torch.sigmoid(logits))
-            presences.append(torch.sigmoid(out.presence_logits.float()))
+        mask, presence = self._predict_at(images, text, scales[0])
         if len(scales) == 1:
-            return masks[0], presences[0]
-        return torch.stack(masks).mean(0), torch.stack(presences).mean(0)
+            return mask, presence
+        keep = (presence >= gate) & (mask.flatten(1).amax(1) >= gate)
+        if not bool(keep.any()):
+            return mask, presence
+        if not bool(keep.all()):
+            images, text = images[keep], text.select(keep)
+        masks, presences = [mask[keep]], [presence[keep]]
+        for scale in scales[1:]:
+            m, p = self._predict_at(images, text, scale)
+            masks.append(m)
+            presences.append(p)
+        mask, presence = mask.clone(), presence.clone()
+        mask[keep] = torch.stack(masks).mean(0)
+        presence[keep] = torch.stack(presences).mean(0)
+        return mask, presence
+
+    def _predict_at(self, images: torch.Tensor, text: TextFeatures, scale: float):
+        """``(mask, presence)`` probabilities with ``images`` resized by ``scale`` (mask at input size)."""
+        height, width = images.shape[-2:]
+        x = images
+        if scale != 1.0:
+            size = (max(1, round(height * scale)), max(1, round(width * scale)))
+            x = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        out = self(x, text)
+        logits = out.logits.float()
+        if scale != 1.0:
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        return torch.sigmoid(logits), torch.sigmoid(out.presence_logits.float())

@@ -52,6 +52,10 @@ class TextFeatures:
     def to(self, device) -> TextFeatures:
         return TextFeatures(self.words.to(device), self.mask.to(device), self.sentence.to(device))
 
+    def select(self, index: torch.Tensor) -> TextFeatures:
+        """The expressions at ``index`` (a 1-D index or bool tensor over the batch)."""
+        return TextFeatures(self.words[index], self.mask[index], self.sentence[index])
+
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:

@@ -126,13 +126,49 @@ def test_predict_averages_the_probabilities_of_its_input_scales(tiny_model):
         plain = model(images, "the lesion")
         big = model(resized(images, 48), "the lesion")
         mask, presence = model.predict(images, "the lesion")
-        mask2, presence2 = model.predict(images, ["the lesion"] * 2, scales=(1.0, 1.5))
+        mask2, presence2 = model.predict(images, ["the lesion"] * 2, scales=(1.0, 1.5), gate=0.0)
     torch.testing.assert_close(mask, torch.sigmoid(plain.logits))
     torch.testing.assert_close(presence, torch.sigmoid(plain.presence_logits))
     expected = (torch.sigmoid(plain.logits) + torch.sigmoid(resized(big.logits, 32))) / 2
     torch.testing.assert_close(mask2, expected)
     torch.testing.assert_close(presence2, (presence + torch.sigmoid(big.presence_logits)) / 2)
     assert mask2.shape == (2, 1, 32, 32) and not torch.allclose(mask2, mask)
+
+
+def test_the_gate_runs_extra_scales_only_on_images_not_confidently_empty(tiny_model):
+    model = tiny_model.eval()
+    images = torch.rand(3, 1, 32, 32)
+    images[1] = 0.0  # a different image, so a different presence
+    with torch.no_grad():
+        model.presence_head.mlp[-1].weight *= 100  # spread the random model's presence logits apart
+        logits = model(images, "the lesion").presence_logits
+        low, high = logits.min(), logits.max()
+        assert high - low > 1e-2
+        # shift the presence head so that the gate at 0.3 falls between the lowest logit and the rest
+        middle = (low + torch.sort(logits).values[1]) / 2
+        model.presence_head.mlp[-1].bias -= middle - torch.logit(torch.tensor(0.3))
+        full_mask, full_presence = model.predict(images, "the lesion", scales=(1.0, 1.5), gate=0.0)
+        first_mask, first_presence = model.predict(images, "the lesion")
+        seen = []
+        handle = model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
+        try:
+            mask, presence = model.predict(images, "the lesion", scales=(1.0, 1.5), gate=0.3)
+        finally:
+            handle.remove()
+    skipped = first_presence < 0.3
+    assert int(skipped.sum()) == 1
+    assert seen == [(3, 1, 32, 32), (2, 1, 48, 48)]  # the 1.5x pass ran on the two others only
+    torch.testing.assert_close(mask[skipped], first_mask[skipped])
+    torch.testing.assert_close(presence[skipped], first_presence[skipped])
+    torch.testing.assert_close(mask[~skipped], full_mask[~skipped])
+    torch.testing.assert_close(presence[~skipped], full_presence[~skipped])
+    assert not torch.allclose(presence[~skipped], first_presence[~skipped])
+
+
+@pytest.mark.parametrize("gate", [-0.1, 0.5, 1.0])
+def test_predict_rejects_a_gate_outside_its_range(tiny_model, gate):
+    with pytest.raises(ValueError, match="gate must be in"):
+        tiny_model.predict(torch.rand(1, 1, 32, 32), "the lesion", scales=(1.0, 1.2), gate=gate)
 
 
 @pytest.mark.parametrize("scales", [(), ("big",), (0.0,), (1.0, float("nan")), (10.0,), None])
