@@ -155,7 +155,7 @@ def test_report(run: Path, model_path: str, data: Path) -> dict:
         saved = json.loads(path.read_text())
         if saved.get("model_version") == read_model_card(model_path).get("version"):
             return saved
-    return evaluate_path(model_path, data, "test", json_out=path, per_pair=True)
+    return evaluate_path(model_path, data, "test", json_out=path, per_pair=True, scales=(1.0,))
 
 
 def title(run_args: dict) -> str:

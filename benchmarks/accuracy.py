@@ -52,7 +52,7 @@ def print_2d_report(report: dict, data) -> None:
     """The 2D tables of an :func:`~lsms_core.evaluate.evaluate_path` report: per kind, then per target size."""
     print(
         f"## {report['split']} split of {data}: {report['items']} (expression, slice) pairs, "
-        f"model {report.get('model')}"
+        f"model {report.get('model')}, scales {report.get('scales', [1.0])} (gate {report.get('gate')})"
     )
     print_split_table(report)
     print(f"\n## The same pairs by target size (share of the {report['image_size']}^2 slice; positives only)")

@@ -23,6 +23,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from lsms_core.infer import DEFAULT_SCALES
+
 EXIT_USER_ERROR = 2
 
 
@@ -442,10 +444,10 @@ def _add_scales_argument(parser: argparse.ArgumentParser) -> None:
         "--scales",
         type=float,
         nargs="+",
-        default=[1.0],
+        default=list(DEFAULT_SCALES),
         metavar="S",
-        help="input scales whose probabilities are averaged per slice, e.g. 1 1.2 (about 2.4x the "
-        "model time; default 1: one pass)",
+        help="input scales whose probabilities are averaged per slice; the extra ones run only on "
+        "slices not confidently empty (default: %(default)s; 1 = one pass, about 1.75x faster)",
     )
 
 

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lsms_core.infer import DEFAULT_SCALES
+
 if TYPE_CHECKING:  # pragma: no cover
     from lsms_core.data.dataset import ReferringDataset
     from lsms_core.model import LSMS
@@ -293,7 +295,7 @@ def evaluate_volumes(
     batch_size: int = 8,
     max_expressions: int | None = None,
     progress: Callable[[int, int], None] | None = None,
-    scales: tuple[float, ...] = (1.0,),
+    scales: tuple[float, ...] = DEFAULT_SCALES,
 ) -> dict[str, Any]:
     """Evaluate ``model`` in 3D: one :meth:`Segmenter.segment <lsms_core.infer.Segmenter.segment>`
     per expression of ``split`` over its whole case, scored against the 3D target.
@@ -304,8 +306,8 @@ def evaluate_volumes(
         dataset: a :class:`~lsms_core.data.dataset.ReferringDataset` or its folder.
         max_expressions: an evenly spaced deterministic subset of at most this many expressions.
         progress: called as ``progress(done, total)`` after each expression.
-        scales: input scales averaged per slice (the Segmenter's ``scales``; ignored for a ready
-            Segmenter, which keeps its own).
+        scales: input scales averaged per slice (the Segmenter's ``scales``, by default
+            :data:`~lsms_core.infer.DEFAULT_SCALES`; ignored for a ready Segmenter, which keeps its own).
 
     Returns:
         ``{"split", "level": "volume", "items", "total_items", "threshold", "overall": {...},
@@ -373,14 +375,16 @@ def evaluate_path(
     progress: Callable[[int, int], None] | None = None,
     level: str = "slice",
     per_pair: bool = False,
-    scales: tuple[float, ...] = (1.0,),
+    scales: tuple[float, ...] = DEFAULT_SCALES,
 ) -> dict[str, Any]:
     """Load a saved model, evaluate it on ``data``'s ``split`` and optionally write the JSON report.
 
     ``level="slice"`` runs :func:`evaluate_model` (2D pairs; ``max_items`` pairs at most),
     ``level="volume"`` runs :func:`evaluate_volumes` (3D; ``max_items`` expressions at most).
     ``per_pair`` adds :func:`evaluate_model`'s per-pair records (2D only); ``scales`` are the
-    input scales averaged per slice (:meth:`~lsms_core.model.LSMS.predict`).
+    input scales averaged per slice (:meth:`~lsms_core.model.LSMS.predict`): by default
+    :data:`~lsms_core.infer.DEFAULT_SCALES`, what ``lsms predict`` and the plugin answer with.
+    (:func:`evaluate_model` alone defaults to one pass, as the Trainer's validation uses it.)
 
     The report is :func:`evaluate_model`'s dict plus ``model`` (path), ``model_version``,
     ``data`` (folder) and ``data_fingerprint``. ``json_out`` is written atomically.

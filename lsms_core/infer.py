@@ -194,6 +194,12 @@ def body_slices(
 # --------------------------------------------------------------------------------------------
 
 
+#: Input scales of every user-facing answer (:class:`Segmenter`, ``lsms predict|evaluate``, the
+#: plugin): the model's input size and 1.2x larger, probabilities averaged, the 1.2x pass only on
+#: slices not confidently empty (:meth:`~lsms_core.model.LSMS.predict`). Chosen on the validation
+#: split; ``(1.0,)`` is one pass, about 1.75x faster (docs/benchmarks.md#multi-scale-inference).
+DEFAULT_SCALES: tuple[float, ...] = (1.0, 1.2)
+
 class Segmenter:
     """Segment lesions described in words in whole CT volumes.
 
@@ -203,8 +209,9 @@ class Segmenter:
         batch_size: slices per forward pass.
         min_lesion_mm3: minimum component volume kept for plural expressions.
         scales: input scales whose probabilities are averaged per slice
-            (:meth:`~lsms_core.model.LSMS.predict`); ``(1.0,)``, the default, is one forward pass,
-            ``(1.0, 1.2)`` costs about 2.4 passes.
+            (:meth:`~lsms_core.model.LSMS.predict`, gated: the extra scale runs only on slices whose
+            first answer is not confidently empty); :data:`DEFAULT_SCALES` by default, ``(1.0,)``
+            for one forward pass.
 
     Example::
 
@@ -220,7 +227,7 @@ class Segmenter:
         device: str = "auto",
         batch_size: int = 8,
         min_lesion_mm3: float = 20.0,
-        scales: tuple[float, ...] = (1.0,),
+        scales: tuple[float, ...] = DEFAULT_SCALES,
     ):
         from lsms_core.model import check_scales, preferred_memory_format
 

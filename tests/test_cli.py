@@ -11,6 +11,7 @@ import pytest
 
 from lsms_core import checkpoint
 from lsms_core.cli import build_parser, build_train_configs, main
+from lsms_core.infer import DEFAULT_SCALES
 from lsms_core.io import Volume, read_volume, write_volume
 
 # x flipped, y and z swapped: a non-identity, non-diagonal direction (columns are unit axes).
@@ -310,7 +311,7 @@ def test_train_json_progress_then_evaluate(tiny_encoder_dir, tmp_path, capsys):
     assert main([*args, "--level", "volume", "--json", str(volume_report), "--max-items", "2"]) == 0
     saved = json.loads(volume_report.read_text())
     assert saved["level"] == "volume" and saved["items"] == 2 and "mIoU" in saved["overall"]
-    assert saved["scales"] == [1.0]
+    assert saved["scales"] == list(DEFAULT_SCALES)  # what lsms predict answers with
     multi = ["--json", str(report), "--max-items", "4", "--scales", "1", "1.25"]
     assert main([*args, *multi]) == 0
     assert json.loads(report.read_text())["scales"] == [1.0, 1.25]

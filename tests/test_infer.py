@@ -196,7 +196,7 @@ def test_segmenter_runs_a_folded_copy_and_leaves_a_given_model_trainable(tiny_en
 
     model3 = LSMS(tiny_config(tiny_encoder_dir, in_slices=3)).train()
     randomise_batch_norm(model3)  # as after training, so that folding them is not a no-op
-    seg = Segmenter(model3, device="cpu")
+    seg = Segmenter(model3, device="cpu", scales=(1.0,))  # compared with one forward pass below
     assert seg.model is not model3 and seg.model.text_encoder is model3.text_encoder
     assert model3.training and all(
         isinstance(block[1], torch.nn.BatchNorm2d)

@@ -238,9 +238,8 @@ def test_segment_makes_labels_with_one_id_per_description(
 def test_the_multiscale_option_reaches_the_segmenter(
     make_napari_viewer, qtbot, lsms_home, model_path, ct_path, notes, monkeypatch
 ):
-    from lsms_core.infer import Segmenter
+    from lsms_core.infer import DEFAULT_SCALES, Segmenter
     from lsms_core.io import read_volume
-    from napari_lsms._widget import MULTI_SCALES
 
     seen = []
     segment = Segmenter.segment
@@ -252,17 +251,17 @@ def test_the_multiscale_option_reaches_the_segmenter(
     monkeypatch.setattr(Segmenter, "segment", spy)
     viewer, _image = _viewer_with_ct(make_napari_viewer, ct_path)
     widget = _widget(viewer, model_path)
-    assert not widget.multiscale_check.isChecked()  # one pass unless asked
+    assert len(DEFAULT_SCALES) > 1
+    assert widget.multiscale_check.isChecked()  # the library's default scales unless unticked
     _run(qtbot, widget, FIRST, "slice range", 0, 2)
-    widget.multiscale_check.setChecked(True)
+    first = viewer.layers[LABELS_NAME].data.copy()
+    widget.multiscale_check.setChecked(False)
     _run(qtbot, widget, FIRST, "slice range", 0, 2)
     assert not [n for n in notes if n[0] == "error"], notes
-    assert seen == [(1.0,), MULTI_SCALES]
+    assert seen == [DEFAULT_SCALES, (1.0,)]
     assert len(widget.segmenters) == 1  # the same loaded model serves both
-    expected = Segmenter(model_path, device="cpu").segment(
-        read_volume(ct_path), FIRST, slices=(0, 3), scales=MULTI_SCALES
-    )
-    np.testing.assert_array_equal(viewer.layers[LABELS_NAME].data == 1, expected.mask > 0)
+    expected = Segmenter(model_path, device="cpu").segment(read_volume(ct_path), FIRST, slices=(0, 3))
+    np.testing.assert_array_equal(first == 1, expected.mask > 0)
 
 
 def test_preload_loads_the_selected_model_once_in_the_background(
