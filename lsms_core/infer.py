@@ -200,6 +200,7 @@ def body_slices(
 #: split; ``(1.0,)`` is one pass, about 1.75x faster (docs/benchmarks.md#multi-scale-inference).
 DEFAULT_SCALES: tuple[float, ...] = (1.0, 1.2)
 
+
 class Segmenter:
     """Segment lesions described in words in whole CT volumes.
 
