@@ -2,6 +2,7 @@
 
     python benchmarks/volume_speed.py                 # shipped model, or untrained default config
     python benchmarks/volume_speed.py --runs 5 --model RUN/model.safetensors --device cpu
+    python benchmarks/volume_speed.py --scales 1      # one pass instead of the default scales
 
 Builds a synthetic CT NIfTI (air, a body ellipse of soft tissue, a liver-like region with two
 hypodense lesions) in a temporary folder, then times ``read_volume`` -> ``Segmenter.segment`` ->
@@ -21,6 +22,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from lsms_core.infer import DEFAULT_SCALES
 
 
 def make_ct(shape: tuple[int, int, int] = (100, 512, 512), seed: int = 0) -> np.ndarray:
@@ -93,7 +96,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--text", default="the largest lesion in the liver")
-    parser.add_argument("--scales", type=float, nargs="+", default=[1.0], help="Segmenter scales, e.g. 1 1.2")
+    parser.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_SCALES),
+        help="Segmenter scales (default: the library's, %(default)s; 1 = one pass)",
+    )
     args = parser.parse_args(argv)
 
     import torch
