@@ -410,6 +410,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     lines = [f"{name}: {version or 'not installed'}" for name, version in package_versions().items()]
     lines.append(f"devices: {', '.join(available_devices())}")
+    scales = ", ".join(f"{scale:g}" for scale in DEFAULT_SCALES)
+    lines.append(f"inference scales (lsms predict|evaluate, the plugin): {scales}; --scales 1 for one pass")
     path = _model_path(args.model)
     if args.model or path.is_file():
         lines += format_model_card(path, read_model_card(path))

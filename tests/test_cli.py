@@ -200,6 +200,8 @@ def test_info_shows_versions_devices_and_model_card(model_file, capsys, monkeypa
     out = capsys.readouterr().out
     assert "lsms_core: " in out and "torch: " in out and "devices: " in out and "cpu" in out
     assert "no default model installed" in out
+    scales = ", ".join(f"{scale:g}" for scale in DEFAULT_SCALES)
+    assert f"inference scales (lsms predict|evaluate, the plugin): {scales}; --scales 1 for one pass" in out
 
     assert main(["info", "--model", str(model_file)]) == 0
     out = capsys.readouterr().out
