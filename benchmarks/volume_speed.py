@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lsms_core.infer import DEFAULT_SCALES
+from lsms_core.cli import add_scales_argument
 
 
 def make_ct(shape: tuple[int, int, int] = (100, 512, 512), seed: int = 0) -> np.ndarray:
@@ -96,13 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=100)
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--text", default="the largest lesion in the liver")
-    parser.add_argument(
-        "--scales",
-        type=float,
-        nargs="+",
-        default=list(DEFAULT_SCALES),
-        help="Segmenter scales (default: the library's, %(default)s; 1 = one pass)",
-    )
+    add_scales_argument(parser)  # as lsms predict: the library's default scales
     args = parser.parse_args(argv)
 
     import torch

@@ -440,8 +440,8 @@ def cmd_gui(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def _add_scales_argument(parser: argparse.ArgumentParser) -> None:
-    """``--scales`` of ``lsms evaluate`` and ``lsms predict`` (:meth:`LSMS.predict`'s ``scales``)."""
+def add_scales_argument(parser: argparse.ArgumentParser) -> None:
+    """``--scales`` of ``lsms evaluate``, ``lsms predict`` and ``benchmarks/volume_speed.py`` (:meth:`LSMS.predict`'s ``scales``)."""
     parser.add_argument(
         "--scales",
         type=float,
@@ -512,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-items", type=int, help="evaluate at most this many pairs (slice) or expressions (volume)"
     )
-    _add_scales_argument(p)
+    add_scales_argument(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="segment what a text describes in a CT and write the mask")
@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--slices", type=_parse_slices, help="only slices z0:z1 (z1 exclusive)")
-    _add_scales_argument(p)
+    add_scales_argument(p)
     p.set_defaults(func=cmd_predict)
 
     data = sub.add_parser("data", help="build datasets").add_subparsers(
