@@ -47,7 +47,7 @@ def make_ct(shape: tuple[int, int, int] = (100, 512, 512), seed: int = 0) -> np.
     return hu
 
 
-def load_segmenter(model: str | None, device: str, batch_size: int, scales=(1.0,)):
+def load_segmenter(model: str | None, device: str, batch_size: int, scales: tuple[float, ...]):
     """``(Segmenter, description)``: the given model, the shipped one, or an untrained default."""
     from lsms_core.checkpoint import default_model_path
     from lsms_core.infer import Segmenter

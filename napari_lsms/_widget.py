@@ -338,7 +338,7 @@ class SegmentRequest:
     device: str
     slices: tuple[int, int] | None
     volume: LayerVolume
-    scales: tuple[float, ...] = (1.0,)
+    scales: tuple[float, ...]
 
 
 @dataclass
