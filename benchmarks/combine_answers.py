@@ -17,8 +17,9 @@ Rows, all on the same pairs:
   every component). The 2D benchmark otherwise scores the raw thresholded answer.
 
 ``Δ mIoU`` is each row minus the first (a bootstrap over the split's cases,
-:func:`lsms_core.evaluate.paired_delta`). The probabilities are kept as float16 in memory
-(about 0.5 GB per model for the 2,336 val pairs at 320 x 320). Choose on ``val``; score on ``test``.
+:func:`lsms_core.evaluate.paired_delta`). The probabilities are kept in memory as float32 (about
+1 GB per model for the 2,336 val pairs at 320 x 320, 1.5 GB for the 3,755 test pairs); a model's
+own row equals ``evaluate_model``'s figures. Choose on ``val``; score on ``test``.
 """
 
 from __future__ import annotations
@@ -35,21 +36,24 @@ COLUMNS = ("mIoU", "oIoU", "P@0.9", "negative_accuracy", "positive_empty")
 
 
 def answers(path: str, data: str, split: str, scales, max_items: int | None):
-    """``(mask float16 (n, H, W), presence (n,), targets bool (n, H, W), pairs info)`` for ``path``."""
+    """``(mask float32 (n, H, W), presence (n,), targets bool (n, H, W), pairs info)`` for ``path``."""
     import torch
     from torch.utils.data import DataLoader
 
     from lsms_core.checkpoint import load_model
     from lsms_core.evaluate import evaluation_pairs
+    from lsms_core.model import preferred_memory_format
 
     model = load_model(path)
     pairs, _ = evaluation_pairs(model.config, data, split, max_items=max_items)
-    runner = model.fused_for_inference()
+    memory_format = preferred_memory_format(torch.device("cpu"))  # as evaluate_model runs it
+    runner = model.fused_for_inference().to(memory_format=memory_format)
     masks, presence, targets, info = [], [], [], []
     with torch.inference_mode():
         for batch in DataLoader(pairs, batch_size=16, shuffle=False):
-            mask, present = runner.predict(batch["image"], list(batch["text"]), scales)
-            masks.append(mask[:, 0].numpy().astype(np.float16))
+            images = batch["image"].to(memory_format=memory_format)
+            mask, present = runner.predict(images, list(batch["text"]), scales)
+            masks.append(mask[:, 0].numpy())
             presence.append(present.numpy())
             targets.append((batch["mask"][:, 0] > 0.5).numpy())
             info += [
@@ -67,7 +71,7 @@ def score(mask, presence, targets, info, per_slice_postprocess: bool):
 
     records, stats = [], []
     for k, pair in enumerate(info):
-        prob = mask[k].astype(np.float32)
+        prob = mask[k]
         if per_slice_postprocess:
             singular = expression_number(pair["text"]) == "singular"
             pred = postprocess(prob[None], presence[k : k + 1], singular)[0] > 0
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [(path, run[0], run[1], False) for path, run in zip(args.models, runs)]
     first = rows[0]
     if len(runs) > 1:
-        mean_mask = (sum(run[0].astype(np.float32) for run in runs) / len(runs)).astype(np.float16)
+        mean_mask = sum(run[0] for run in runs) / len(runs)
         mean_presence = sum(run[1] for run in runs) / len(runs)
         rows.append(("mean of all", mean_mask, mean_presence, False))
     rows.append((f"{first[0]} + per-slice postprocess", first[1], first[2], True))
