@@ -14,7 +14,10 @@ Rows, all on the same pairs:
 * ``+ per-slice postprocess``: the first model's and the mean's probabilities passed, one slice at a
   time, through :func:`lsms_core.infer.postprocess` (what the volume Segmenter does in 3D: a singular
   expression keeps the connected component with the highest summed probability, a plural one keeps
-  every component). The 2D benchmark otherwise scores the raw thresholded answer.
+  every component). The 2D benchmark otherwise scores the raw thresholded answer;
+* ``+ oracle component choice``: of the first model's thresholded components, those that touch
+  the target. It reads the truth, so it is not an answer: it bounds what any rule for choosing
+  components could gain, i.e. how much of the error is segmenting the wrong lesion.
 
 ``Δ mIoU`` is each row minus the first (a bootstrap over the split's cases,
 :func:`lsms_core.evaluate.paired_delta`). The probabilities are kept in memory as float32 (about
@@ -63,8 +66,16 @@ def answers(path: str, data: str, split: str, scales, max_items: int | None):
     return np.concatenate(masks), np.concatenate(presence), np.concatenate(targets), info
 
 
-def score(mask, presence, targets, info, per_slice_postprocess: bool):
-    """Per-pair records (as ``evaluate_model(per_pair=True)`` gives them) and their summary."""
+def score(mask, presence, targets, info, selection: str = "none"):
+    """Per-pair records (as ``evaluate_model(per_pair=True)`` gives them) and their summary.
+
+    ``selection``: ``"none"`` (the thresholded answer), ``"postprocess"`` (each slice through
+    :func:`lsms_core.infer.postprocess`) or ``"oracle"`` (of the thresholded answer's connected
+    components, those that touch the target: an upper bound on what choosing components can give,
+    not an answer, since it reads the truth).
+    """
+    from scipy import ndimage
+
     from lsms_core.data.expressions import expression_number
     from lsms_core.infer import postprocess
     from lsms_core.metrics import pair_stats, summarize
@@ -72,11 +83,14 @@ def score(mask, presence, targets, info, per_slice_postprocess: bool):
     records, stats = [], []
     for k, pair in enumerate(info):
         prob = mask[k]
-        if per_slice_postprocess:
+        if selection == "postprocess":
             singular = expression_number(pair["text"]) == "singular"
             pred = postprocess(prob[None], presence[k : k + 1], singular)[0] > 0
         else:
             pred = (prob > 0.5) & (presence[k] > 0.5)
+        if selection == "oracle" and targets[k].any():  # negatives keep their answer
+            labels, _ = ndimage.label(pred, structure=np.ones((3, 3), dtype=bool))
+            pred = np.isin(labels, np.unique(labels[pred & targets[k]]))
         s = pair_stats(pred, targets[k])
         stats.append(s)
         records.append({**pair, **dataclasses.asdict(s)})
@@ -105,18 +119,19 @@ def main(argv: list[str] | None = None) -> int:
     if any(run[3] != info for run in runs[1:]):
         raise SystemExit("the models were scored on different pairs (their image sizes or slices differ)")
 
-    rows = [(path, run[0], run[1], False) for path, run in zip(args.models, runs)]
+    rows = [(path, run[0], run[1], "none") for path, run in zip(args.models, runs)]
     first = rows[0]
     if len(runs) > 1:
         mean_mask = sum(run[0] for run in runs) / len(runs)
         mean_presence = sum(run[1] for run in runs) / len(runs)
-        rows.append(("mean of all", mean_mask, mean_presence, False))
-    rows.append((f"{first[0]} + per-slice postprocess", first[1], first[2], True))
+        rows.append(("mean of all", mean_mask, mean_presence, "none"))
+    rows.append((f"{first[0]} + per-slice postprocess", first[1], first[2], "postprocess"))
     if len(runs) > 1:
-        rows.append(("mean of all + per-slice postprocess", mean_mask, mean_presence, True))
+        rows.append(("mean of all + per-slice postprocess", mean_mask, mean_presence, "postprocess"))
+    rows.append((f"{first[0]} + oracle component choice (upper bound)", first[1], first[2], "oracle"))
 
     print(f"split {args.split}, scales {list(scales)}")
-    scored = [(name, *score(mask, presence, targets, info, post)) for name, mask, presence, post in rows]
+    scored = [(name, *score(mask, presence, targets, info, how)) for name, mask, presence, how in rows]
     lines = []
     for name, records, summary in scored:
         delta = paired_delta(scored[0][1], records)
