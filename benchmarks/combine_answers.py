@@ -38,16 +38,14 @@ from _markdown import cell, print_markdown_table
 COLUMNS = ("mIoU", "oIoU", "P@0.9", "negative_accuracy", "positive_empty")
 
 
-def answers(path: str, data: str, split: str, scales, max_items: int | None):
-    """``(mask float32 (n, H, W), presence (n,), targets bool (n, H, W), pairs info)`` for ``path``."""
+def answers(model, data, split: str, scales=(1.0,), max_items: int | None = None):
+    """``(mask float32 (n, H, W), presence (n,), targets bool (n, H, W), pairs info)`` of ``model``."""
     import torch
     from torch.utils.data import DataLoader
 
-    from lsms_core.checkpoint import load_model
     from lsms_core.evaluate import evaluation_pairs
     from lsms_core.model import preferred_memory_format
 
-    model = load_model(path)
     pairs, _ = evaluation_pairs(model.config, data, split, max_items=max_items)
     memory_format = preferred_memory_format(torch.device("cpu"))  # as evaluate_model runs it
     runner = model.fused_for_inference().to(memory_format=memory_format)
@@ -106,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-items", type=int, default=0, help="pairs per model (0 = all)")
     args = parser.parse_args(argv)
 
+    from lsms_core.checkpoint import load_model
     from lsms_core.evaluate import paired_delta
     from lsms_core.model import check_scales
 
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     for path in args.models:
         start = time.perf_counter()
-        runs.append(answers(path, args.data, args.split, scales, args.max_items or None))
+        runs.append(answers(load_model(path), args.data, args.split, scales, args.max_items or None))
         print(f"{path}: {len(runs[-1][3])} pairs in {time.perf_counter() - start:.0f} s", flush=True)
     targets, info = runs[0][2], runs[0][3]
     if any(run[3] != info for run in runs[1:]):

@@ -126,6 +126,7 @@ def test_miou_at_the_full_models_negatives_empty_raises_the_presence_threshold()
         pair(0.55, 0, pred=1),  # negative answered (wrong) with presence 0.55
         pair(0.2, 0),  # negative answered empty
     ]
+
     # at 0.5: 1/3 of the negatives empty, mIoU (1 + 0.5 + 0) / 3
     def matched(target):
         result = ablations.miou_at_negatives_empty(pairs, target)
@@ -311,3 +312,72 @@ def test_markdown_cells_and_table(capsys):
         "| a | 0.500 |",
         "| b | - |",
     ]
+
+
+def test_combine_answers_selections_on_known_components():
+    import numpy as np
+
+    script = _load("combine_answers")
+    mask = np.zeros((3, 12, 12), dtype=np.float32)
+    mask[:, 0:4, 0:4] = 0.6  # large and unsure: the highest summed probability (9.6)
+    mask[:, 9:11, 9:11] = 0.95  # small and sure (3.8): the lesion meant
+    targets = np.zeros(mask.shape, dtype=bool)
+    targets[0:2, 9:11, 9:11] = True  # pair 2 is a negative
+    presence = np.array([0.9, 0.9, 0.9], dtype=np.float32)
+    info = [
+        {"id": "a", "case": "c1", "z": 0, "text": "the lesion"},
+        {"id": "b", "case": "c1", "z": 0, "text": "all lesions"},
+        {"id": "c", "case": "c2", "z": 0, "text": "the lesion"},
+    ]
+
+    def ious(selection):
+        records, summary = script.score(mask, presence, targets, info, selection)
+        return [r["intersection"] / r["union"] if r["target_area"] else r["pred_area"] for r in records]
+
+    assert ious("none") == [4 / 20, 4 / 20, 20]  # both components, whatever the text
+    # the Segmenter's rule: a singular expression keeps the highest summed probability, a plural all
+    assert ious("postprocess") == [0.0, 4 / 20, 16]
+    # the oracle keeps what touches the target and leaves negatives as answered
+    assert ious("oracle") == [1.0, 1.0, 20]
+    gated = script.score(mask, np.array([0.4, 0.9, 0.9], dtype=np.float32), targets, info, "none")[0]
+    assert gated[0]["pred_area"] == 0  # a presence below 0.5 empties the answer
+
+
+def test_combine_answers_first_rows_are_evaluate_models_figures(tiny_config, tmp_path, capsys):
+    import dataclasses
+
+    import torch
+    from _datasets import make_tiny_dataset
+
+    from lsms_core.checkpoint import load_model, save_model
+    from lsms_core.evaluate import evaluate_model
+    from lsms_core.model import LSMS
+
+    script = _load("combine_answers")
+    data = make_tiny_dataset(tmp_path / "tiny", cases=4)
+    config = dataclasses.replace(tiny_config, image_size=32)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(str(save_model(LSMS(config), tmp_path / f"m{seed}.safetensors")))
+
+    model = load_model(paths[0])
+    mask, presence, targets, info = script.answers(model, data, "test")
+    records, summary = script.score(mask, presence, targets, info)
+    report = evaluate_model(model, data, "test", per_pair=True)
+    assert [(r["id"], r["z"], r["intersection"], r["union"]) for r in records] == [
+        (p["id"], p["z"], p["intersection"], p["union"]) for p in report["pairs"]
+    ]
+    assert summary["mIoU"] == report["overall"]["mIoU"]
+
+    assert script.main(["--data", str(data), "--split", "test", "--models", *paths]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    names = [line.split(" | ")[0][2:] for line in rows]
+    assert names == [
+        *paths,
+        "mean of all",
+        f"{paths[0]} + per-slice postprocess",
+        "mean of all + per-slice postprocess",
+        f"{paths[0]} + oracle component choice (upper bound)",
+    ]
+    assert f"| {script.cell(report['overall']['mIoU'])} |" in rows[0]
