@@ -40,27 +40,18 @@ COLUMNS = ("mIoU", "oIoU", "P@0.9", "negative_accuracy", "positive_empty")
 
 def answers(model, data, split: str, scales=(1.0,), max_items: int | None = None):
     """``(mask float32 (n, H, W), presence (n,), targets bool (n, H, W), pairs info)`` of ``model``."""
-    import torch
-    from torch.utils.data import DataLoader
-
-    from lsms_core.evaluate import evaluation_pairs
-    from lsms_core.model import preferred_memory_format
+    from lsms_core.evaluate import evaluation_pairs, predict_pairs
 
     pairs, _ = evaluation_pairs(model.config, data, split, max_items=max_items)
-    memory_format = preferred_memory_format(torch.device("cpu"))  # as evaluate_model runs it
-    runner = model.fused_for_inference().to(memory_format=memory_format)
     masks, presence, targets, info = [], [], [], []
-    with torch.inference_mode():
-        for batch in DataLoader(pairs, batch_size=16, shuffle=False):
-            images = batch["image"].to(memory_format=memory_format)
-            mask, present = runner.predict(images, list(batch["text"]), scales)
-            masks.append(mask[:, 0].numpy())
-            presence.append(present.numpy())
-            targets.append((batch["mask"][:, 0] > 0.5).numpy())
-            info += [
-                {"id": i, "case": c, "z": int(z), "text": t}
-                for i, c, z, t in zip(batch["id"], batch["case"], batch["z"], batch["text"])
-            ]
+    for batch, mask, present in predict_pairs(model, pairs, scales=scales):  # as evaluate_model runs it
+        masks.append(mask[:, 0].numpy())
+        presence.append(present.numpy())
+        targets.append((batch["mask"][:, 0] > 0.5).numpy())
+        info += [
+            {"id": i, "case": c, "z": int(z), "text": t}
+            for i, c, z, t in zip(batch["id"], batch["case"], batch["z"], batch["text"])
+        ]
     return np.concatenate(masks), np.concatenate(presence), np.concatenate(targets), info
 
 

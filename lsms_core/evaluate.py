@@ -20,6 +20,7 @@ same metrics.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
@@ -117,6 +118,43 @@ def evaluation_pairs(
     return Subset(pairs, indices), len(pairs)
 
 
+def predict_pairs(
+    model: LSMS,
+    pairs,
+    *,
+    device="cpu",
+    batch_size: int = 16,
+    scales: tuple[float, ...] = (1.0,),
+    gate: float | None = None,
+):
+    """Yield ``(batch, mask_prob, presence_prob)`` for the pairs of :func:`evaluation_pairs`, in order.
+
+    The model runs as :func:`evaluate_model` scores it: moved to ``device``, batch norms folded
+    (:meth:`~lsms_core.model.LSMS.fused_for_inference`), the device's preferred memory layout,
+    :meth:`~lsms_core.model.LSMS.predict` at ``scales`` / ``gate`` (``None``: its default), no
+    gradients. ``mask_prob`` is ``(B, 1, H, W)`` and ``presence_prob`` ``(B,)``, on ``device``. The
+    model's train/eval mode is restored when the generator finishes or is closed.
+    """
+    import torch
+    from torch.utils.data import DataLoader
+
+    from lsms_core.model import SCALES_GATE, preferred_memory_format
+
+    gate = SCALES_GATE if gate is None else float(gate)
+    device = torch.device(device)
+    was_training = model.training  # restored after: the runner shares (and evals) the text encoder
+    model.to(device)
+    memory_format = preferred_memory_format(device)
+    runner = model.fused_for_inference().to(memory_format=memory_format)  # eval mode; same masks, faster
+    try:
+        with torch.inference_mode():
+            for batch in DataLoader(pairs, batch_size=batch_size, shuffle=False):
+                images = batch["image"].to(device, memory_format=memory_format)
+                yield (batch, *runner.predict(images, list(batch["text"]), scales, gate))
+    finally:
+        model.train(was_training)
+
+
 def evaluate_model(
     model: LSMS,
     dataset: ReferringDataset | str | os.PathLike,
@@ -160,11 +198,9 @@ def evaluate_model(
         not refer to).
     """
     import numpy as np
-    import torch
-    from torch.utils.data import DataLoader
 
     from lsms_core.metrics import MetricAccumulator
-    from lsms_core.model import SCALES_GATE, check_scales, preferred_memory_format
+    from lsms_core.model import SCALES_GATE, check_scales
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -173,13 +209,6 @@ def evaluate_model(
     size = int(image_size or model.config.image_size)
     pairs, total = evaluation_pairs(model.config, dataset, split, image_size=size, max_items=max_items)
     indices = pairs.indices
-    loader = DataLoader(pairs, batch_size=batch_size, shuffle=False)
-
-    device = torch.device(device)
-    was_training = model.training  # restored after: the runner shares (and evals) the text encoder
-    model.to(device)
-    memory_format = preferred_memory_format(device)
-    runner = model.fused_for_inference().to(memory_format=memory_format)  # eval mode; same masks, faster
     accumulator = MetricAccumulator()
     sizes: list[str | None] = []  # target_size_group of each pair, in the accumulator's order
     contents: list[str | None] = []  # its SLICE_CONTENT_GROUPS name (None: negative pair or drawn mask)
@@ -187,35 +216,32 @@ def evaluate_model(
     record_of = {record["id"]: record for record in slice_pairs.records}
     records: list[dict] = []  # per_pair: what identifies each pair, in the accumulator's order
     presence_hits = done = 0
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                images = batch["image"].to(device, memory_format=memory_format)
-                mask_prob, presence_prob = runner.predict(images, list(batch["text"]), scales, gate)
-                present = presence_prob > THRESHOLD
-                pred = (mask_prob > THRESHOLD) & present[:, None, None, None]
-                target = batch["mask"].to(device) > 0.5
-                presence_hits += int((present == target.flatten(1).any(1)).sum())
-                kinds = [kind or None for kind in batch["kind"]]
-                pred_np, target_np = pred[:, 0].cpu().numpy(), target[:, 0].cpu().numpy()
-                accumulator.update_batch(pred_np, target_np, kinds)
-                slice_pixels = target_np.shape[1] * target_np.shape[2]
-                sizes += [target_size_group(int(t.sum()), slice_pixels) for t in target_np]
-                for i, z, t in zip(batch["id"], batch["z"], target_np):
-                    # no group for a negative pair, nor for a drawn mask (its lesion is not recorded)
-                    other = slice_pairs.shows_other_lesion(record_of[i], int(z)) if t.any() else None
-                    contents.append(None if other is None else SLICE_CONTENT_GROUPS[int(other)])
-                if per_pair:
-                    probs = presence_prob.cpu().tolist()
-                    records += [
-                        {"id": i, "case": c, "z": int(z), "kind": k, "presence": round(p, 4)}
-                        for i, c, z, k, p in zip(batch["id"], batch["case"], batch["z"], batch["kind"], probs)
-                    ]
-                done += len(kinds)
-                if progress is not None:
-                    progress(done, len(indices))
-    finally:
-        model.train(was_training)
+    # closing(): the model's mode is restored at once, even when scoring a batch raises
+    answers = predict_pairs(model, pairs, device=device, batch_size=batch_size, scales=scales, gate=gate)
+    with contextlib.closing(answers):
+        for batch, mask_prob, presence_prob in answers:
+            present = presence_prob > THRESHOLD
+            pred = (mask_prob > THRESHOLD) & present[:, None, None, None]
+            target = batch["mask"].to(mask_prob.device) > 0.5
+            presence_hits += int((present == target.flatten(1).any(1)).sum())
+            kinds = [kind or None for kind in batch["kind"]]
+            pred_np, target_np = pred[:, 0].cpu().numpy(), target[:, 0].cpu().numpy()
+            accumulator.update_batch(pred_np, target_np, kinds)
+            slice_pixels = target_np.shape[1] * target_np.shape[2]
+            sizes += [target_size_group(int(t.sum()), slice_pixels) for t in target_np]
+            for i, z, t in zip(batch["id"], batch["z"], target_np):
+                # no group for a negative pair, nor for a drawn mask (its lesion is not recorded)
+                other = slice_pairs.shows_other_lesion(record_of[i], int(z)) if t.any() else None
+                contents.append(None if other is None else SLICE_CONTENT_GROUPS[int(other)])
+            if per_pair:
+                probs = presence_prob.cpu().tolist()
+                records += [
+                    {"id": i, "case": c, "z": int(z), "kind": k, "presence": round(p, 4)}
+                    for i, c, z, k, p in zip(batch["id"], batch["case"], batch["z"], batch["kind"], probs)
+                ]
+            done += len(kinds)
+            if progress is not None:
+                progress(done, len(indices))
 
     computed = accumulator.compute()
     per_kind = computed.pop("per_kind", {})
