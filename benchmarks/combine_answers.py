@@ -6,6 +6,8 @@ to each 2D slice on its own (a singular expression keeps one connected component
         --models lsms_core/weights/default.safetensors runs/A/model.safetensors ... \
         [--scales 1 1.2] [--max-items 0]
 
+``--scales`` is ``lsms evaluate``'s flag, with its default (:data:`lsms_core.infer.DEFAULT_SCALES`).
+
 Rows, all on the same pairs:
 
 * each model alone (``LSMS.predict`` at ``--scales`` with its default gate, then mask and
@@ -87,11 +89,13 @@ def score(mask, presence, targets, info, selection: str = "none"):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lsms_core.cli import add_scales_argument
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--models", nargs="+", required=True, help="model files; the first is the reference")
     parser.add_argument("--split", default="val")
-    parser.add_argument("--scales", nargs="+", type=float, default=[1.0])
+    add_scales_argument(parser)  # the default inference of lsms predict|evaluate
     parser.add_argument("--max-items", type=int, default=0, help="pairs per model (0 = all)")
     args = parser.parse_args(argv)
 

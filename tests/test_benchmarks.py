@@ -370,7 +370,7 @@ def test_combine_answers_first_rows_are_evaluate_models_figures(tiny_config, tmp
     ]
     assert summary["mIoU"] == report["overall"]["mIoU"]
 
-    assert script.main(["--data", str(data), "--split", "test", "--models", *paths]) == 0
+    assert script.main(["--data", str(data), "--split", "test", "--scales", "1", "--models", *paths]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
     names = [line.split(" | ")[0][2:] for line in rows]
     assert names == [
