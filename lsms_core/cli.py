@@ -441,7 +441,8 @@ def cmd_gui(args: argparse.Namespace) -> int:
 
 
 def add_scales_argument(parser: argparse.ArgumentParser) -> None:
-    """``--scales`` of ``lsms evaluate``, ``lsms predict`` and ``benchmarks/volume_speed.py`` (:meth:`LSMS.predict`'s ``scales``)."""
+    """``--scales`` (:meth:`LSMS.predict`'s ``scales``, default :data:`~lsms_core.infer.DEFAULT_SCALES`) of
+    ``lsms evaluate``, ``lsms predict`` and the benchmarks that run the default inference."""
     parser.add_argument(
         "--scales",
         type=float,
