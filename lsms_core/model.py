@@ -101,7 +101,9 @@ class LSMSConfig:
     the stem's stride-2 feature and the input as skips) that corrects the upsampled stride-4 logits;
     its last layer starts at zero, so a saved model grown with it starts where it was.
     Loss: ``seg_bce_weight`` + ``seg_dice_weight`` on the final logits, ``deep_supervision_weights``
-    for the aux logits at strides 8, 16, 32; ``contrastive_weight`` (0 = off) with projection size
+    for the aux logits at strides 8, 16, 32; ``distractor_weight`` multiplies the BCE of the pixels of
+    the slice's other lesions, those the expression does not refer to (1 = as any background pixel);
+    ``contrastive_weight`` (0 = off) with projection size
     ``embed_dim`` and learnable temperature starting at ``contrastive_temperature_init``;
     ``presence_weight`` for the lesion-present-in-slice head.
     """
@@ -132,6 +134,7 @@ class LSMSConfig:
     seg_bce_weight: float = 1.0
     seg_dice_weight: float = 1.0
     deep_supervision_weights: tuple[float, ...] = (0.4, 0.2, 0.1)
+    distractor_weight: float = 1.0
     contrastive_weight: float = 0.1
     presence_weight: float = 0.1
     contrastive_temperature_init: float = 0.07
@@ -189,7 +192,13 @@ class LSMSConfig:
                 fail(name, "must be a positive integer")
         if len(self.deep_supervision_weights) != 3:
             fail("deep_supervision_weights", "must be 3 weights, for the aux logits at strides 8, 16, 32")
-        for name in ("seg_bce_weight", "seg_dice_weight", "contrastive_weight", "presence_weight"):
+        for name in (
+            "seg_bce_weight",
+            "seg_dice_weight",
+            "distractor_weight",
+            "contrastive_weight",
+            "presence_weight",
+        ):
             if not float(getattr(self, name)) >= 0:
                 fail(name, "must be >= 0")
         if any(not float(w) >= 0 for w in self.deep_supervision_weights):

@@ -74,6 +74,7 @@ TRAINING_FIELDS = (
     "seg_bce_weight",
     "seg_dice_weight",
     "deep_supervision_weights",
+    "distractor_weight",
     "contrastive_weight",
     "presence_weight",
 )
@@ -1098,6 +1099,9 @@ class Trainer:
 
         images = batch["image"].to(self.device, memory_format=self.memory_format, non_blocking=True)
         masks = batch["mask"].to(self.device, non_blocking=True)
+        distractor = batch.get("distractor")
+        if distractor is not None:
+            distractor = distractor.to(self.device, non_blocking=True)
         texts = list(batch["text"])
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -1106,7 +1110,7 @@ class Trainer:
         )
         with autocast:
             output = model(images, texts)
-            parts = loss_fn(output, masks)
+            parts = loss_fn(output, masks, distractor)
         loss = parts["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(

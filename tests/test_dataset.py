@@ -17,6 +17,7 @@ from lsms_core.data.dataset import (
     ReferringDataset,
     SliceDataset,
     adjacent_slices,
+    prepare_mask,
     prepare_slices,
     resize_mask_back,
 )
@@ -269,6 +270,7 @@ def test_mask_records_and_extra_fields(tmp_path):
     for i in range(len(data)):
         item = data[i]
         assert (float(item["mask"].sum()) > 0) == (item["present"] == 1.0)
+        assert float(item["distractor"].sum()) == 0  # a drawn mask does not say which lesion it is
 
 
 def test_fingerprint_tracks_content(tmp_path):
@@ -351,6 +353,36 @@ def test_slice_dataset_items(toy_root):
     assert all(kinds.values()), kinds
     # Deterministic for a seed.
     assert SliceDataset(ds, "all", image_size=32, seed=0).items == data.items
+
+
+def test_slice_dataset_marks_the_lesions_the_expression_does_not_refer_to(toy_root):
+    """``item["distractor"]``: the slice's other lesions, never the target, moved with it when
+    augmented; empty for a record with a drawn mask (which lesion it is, is not recorded)."""
+    ds = ReferringDataset(toy_root)
+    plain = SliceDataset(ds, "all", image_size=32, seed=0)
+    augmented = SliceDataset(ds, "all", image_size=32, seed=0, augment=True)
+    lesion_value = (LESION_HU + 160) / 400
+    marked = 0
+    for i in range(len(plain)):
+        item, moved = plain[i], augmented[i]
+        record = plain.records[plain.items[i][0]]
+        lesions = ds.load_case(item["case"]).lesions[item["z"]]
+        others = (lesions > 0) & ~np.isin(lesions, record["targets"])
+        expected = prepare_mask(others, 32) * (1 - item["mask"].numpy())
+        np.testing.assert_array_equal(item["distractor"].numpy(), expected)
+        inside = item["image"][0][item["distractor"][0] > 0]
+        assert np.allclose(inside.numpy(), lesion_value, atol=0.1)  # on a lesion
+        assert moved["distractor"].shape == moved["mask"].shape
+        assert float((moved["distractor"] * moved["mask"]).sum()) == 0  # never the target
+        if item["distractor"].sum() > 0:  # moved a little with the image, never mirrored
+            marked += 1
+            xa = np.nonzero(item["distractor"][0].numpy())[1].mean()
+            xb = np.nonzero(moved["distractor"][0].numpy())[1].mean()
+            assert abs(xa - xb) < 4
+    # "the largest lesion" on lesion 2's slices and the negative expression on lesion slices.
+    assert 0 < marked < len(plain)
+    both = [i for i, item in enumerate(plain.items) if plain.records[item[0]]["targets"] == [1, 2]]
+    assert both and all(plain[i]["distractor"].sum() == 0 for i in both)
 
 
 def test_slice_dataset_stacks_adjacent_canonical_slices(toy_root):

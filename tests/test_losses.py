@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -89,6 +90,43 @@ def test_dice_term_ignores_empty_targets_so_they_cannot_force_empty_predictions(
     torch.testing.assert_close(loss_fn.segmentation_loss(out, target), expected)
     # all targets empty: no Dice term at all (BCE alone says "predict nothing")
     assert loss_fn.segmentation_loss(out, _targets(4, empty=(0, 1, 2, 3))).detach().item() == 0.0
+
+
+def test_distractor_weight_scales_the_bce_on_the_other_lesions_only(tiny_encoder_dir, tiny_model):
+    """With BCE alone at one level, the gradient on a distractor pixel is ``distractor_weight``
+    times what it is without; every other pixel's gradient, and weight 1, leave the loss as it was."""
+    out, target = _output(tiny_model), _targets(4)
+    distractor = torch.zeros_like(target)
+    distractor[:, :, 30:40, 30:40] = 1  # away from every target
+    logits = out.logits.detach().requires_grad_(True)
+    out = dataclasses.replace(out, logits=logits)
+
+    def seg_and_grad(weight: float, with_map: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        config = make_tiny_config(
+            tiny_encoder_dir,
+            deep_supervision_weights=(0, 0, 0),
+            seg_dice_weight=0.0,
+            distractor_weight=weight,
+        )
+        seg = LSMSLoss(config).segmentation_loss(out, target, distractor if with_map else None)
+        (grad,) = torch.autograd.grad(seg, logits)
+        return seg.detach(), grad
+
+    plain, plain_grad = seg_and_grad(1.0, False)
+    torch.testing.assert_close(seg_and_grad(1.0, True)[0], plain)  # weight 1 = off
+    torch.testing.assert_close(seg_and_grad(4.0, False)[0], plain)  # no map = off
+    heavy, heavy_grad = seg_and_grad(4.0, True)
+    assert heavy > plain
+    inside = distractor.bool()
+    torch.testing.assert_close(heavy_grad[inside], 4.0 * plain_grad[inside])
+    torch.testing.assert_close(heavy_grad[~inside], plain_grad[~inside])
+    # Through forward, at every level, with the map checked like the target.
+    config = make_tiny_config(tiny_encoder_dir, distractor_weight=4.0)
+    assert LSMSLoss(config)(out, target, distractor)["seg"] > LSMSLoss(config)(out, target)["seg"]
+    with pytest.raises(ValueError, match="distractor shape"):
+        LSMSLoss(config)(out, target, distractor[:, 0])
+    with pytest.raises(ValueError, match="distractor_weight"):
+        make_tiny_config(tiny_encoder_dir, distractor_weight=-1.0)
 
 
 def test_soft_dice_values():

@@ -849,11 +849,17 @@ class _SliceDataset:
             mask = prepare_mask(target, self.image_size)
         else:
             mask = np.zeros((1, self.image_size, self.image_size), dtype=np.float32)
+        if "targets" in record:  # a drawn mask does not say which lesion it is: no distractors known
+            others = (case.lesions[z] > 0) & ~np.isin(case.lesions[z], record["targets"])
+            distractor = prepare_mask(others, self.image_size) * (1.0 - mask)
+        else:
+            distractor = np.zeros_like(mask)
         if self.augment:
-            image, mask = self._augment(image, mask)
+            image, mask, distractor = self._augment(image, mask, distractor)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)),
+            "distractor": torch.from_numpy(np.ascontiguousarray(distractor, dtype=np.float32)),
             "text": record["expression"],
             "present": float(present),
             "case": record["case"],
@@ -862,8 +868,9 @@ class _SliceDataset:
             "id": str(record["id"]),
         }
 
-    def _augment(self, image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Same small scale/translation for image and mask, intensity jitter for the image. No flips."""
+    def _augment(self, image: np.ndarray, *masks: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Same small scale/translation for the image and its masks, intensity jitter for the image.
+        No flips."""
         import torch
         import torch.nn.functional as F
 
@@ -876,11 +883,10 @@ class _SliceDataset:
         image = F.grid_sample(img_t, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[
             0
         ].numpy()
-        mask = F.grid_sample(torch.from_numpy(mask)[None], grid, mode="nearest", align_corners=False)[
-            0
-        ].numpy()
+        stacked = torch.from_numpy(np.concatenate(masks))[None]
+        moved = F.grid_sample(stacked, grid, mode="nearest", align_corners=False)[0].numpy()
         image = np.clip(image * rng.uniform(0.9, 1.1) + rng.uniform(-0.05, 0.05), 0.0, 1.0)
-        return image.astype(np.float32), mask.astype(np.float32)
+        return (image.astype(np.float32), *(m[None].astype(np.float32) for m in moved))
 
 
 def __getattr__(name: str):
