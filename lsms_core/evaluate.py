@@ -27,14 +27,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lsms_core.infer import DEFAULT_SCALES
+from lsms_core.infer import DEFAULT_SCALES, THRESHOLD
 
 if TYPE_CHECKING:  # pragma: no cover
     from lsms_core.data.dataset import ReferringDataset
     from lsms_core.model import LSMS
-
-#: Probability threshold of the mask and of the presence gate.
-THRESHOLD = 0.5
 
 #: Target-size groups of the 2D report (``per_target_size``): upper bound of the target's share of
 #: the slice's area, and the group's name. At 192 x 192 the bounds are about 18, 55, 184 and 553

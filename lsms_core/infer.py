@@ -36,6 +36,11 @@ if TYPE_CHECKING:  # pragma: no cover
     from lsms_core.io import Volume
     from lsms_core.model import LSMS
 
+#: Probability threshold of the mask and of the presence gate: a voxel is foreground, and a slice
+#: may hold the lesion, when its probability is *above* it. The 2D evaluation
+#: (:mod:`lsms_core.evaluate`) scores with the same rule.
+THRESHOLD = 0.5
+
 #: Slices whose fraction of voxels above ``BODY_HU`` is below ``BODY_MIN_FRACTION`` are skipped.
 BODY_HU = -500.0
 BODY_MIN_FRACTION = 0.02
@@ -132,20 +137,20 @@ def postprocess(
     presence: np.ndarray,
     singular: bool,
     *,
-    threshold: float = 0.5,
-    presence_threshold: float = 0.5,
+    threshold: float = THRESHOLD,
+    presence_threshold: float = THRESHOLD,
     min_size: int = 1,
 ) -> np.ndarray:
     """Turn a probability volume into the mask the expression refers to (pure function).
 
     Args:
         prob: ``(z, y, x)`` foreground probabilities.
-        presence: ``(z,)`` per-slice presence probabilities; slices below ``presence_threshold``
-            are emptied (the model says the target is not in that slice).
+        presence: ``(z,)`` per-slice presence probabilities; slices not above
+            ``presence_threshold`` are emptied (the model says the target is not in that slice).
         singular: True for an expression naming one lesion: keep the single 3D connected component
             with the highest summed probability. False: keep every component of at least
             ``min_size`` voxels.
-        threshold: probability threshold.
+        threshold: probability threshold (foreground: above it).
         min_size: minimum component size (voxels) for plural expressions.
 
     Returns:
@@ -159,7 +164,7 @@ def postprocess(
         raise ValueError(
             f"postprocess: prob must be (z, y, x) and presence (z,), got {prob.shape} and {presence.shape}"
         )
-    binary = (prob >= threshold) & (presence >= presence_threshold)[:, None, None]
+    binary = (prob > threshold) & (presence > presence_threshold)[:, None, None]
     mask = np.zeros(prob.shape, dtype=np.uint8)
     boxes = ndimage.find_objects(binary.view(np.uint8))  # [] when nothing is above the thresholds
     if not boxes:

@@ -251,7 +251,7 @@ def test_postprocess_labels_inside_the_foreground_box_as_over_the_whole_volume(s
     prob = ndimage.gaussian_filter(rng.random((12, 40, 50)).astype(np.float32), 1.0)
     prob = ((prob - prob.min()) / (prob.max() - prob.min())) ** 2
     presence = rng.random(12) + 0.3
-    binary = (prob >= 0.5) & (presence >= 0.5)[:, None, None]
+    binary = (prob > 0.5) & (presence > 0.5)[:, None, None]
     labels, n = ndimage.label(binary, structure=np.ones((3, 3, 3), dtype=bool))
     assert n >= 2
     index = np.arange(1, n + 1)
@@ -263,6 +263,20 @@ def test_postprocess_labels_inside_the_foreground_box_as_over_the_whole_volume(s
         postprocess(prob, presence, singular=False, min_size=10), np.isin(labels, big)
     )
     assert not postprocess(prob * 0.4, presence, singular=True).any()
+
+
+def test_postprocess_thresholds_as_the_2d_evaluation_does():
+    """A probability of exactly the threshold is background in both, for the mask and the presence."""
+    from lsms_core import evaluate, infer
+
+    assert evaluate.THRESHOLD is infer.THRESHOLD
+    prob = np.zeros((2, 4, 4), np.float32)
+    prob[:, 1:3, 1:3] = 0.5
+    prob[:, 1, 1] = 0.75
+    presence = np.array([0.5, 0.75])
+    kept = postprocess(prob, presence, singular=False)
+    assert kept[0].sum() == 0  # presence exactly 0.5: not there
+    assert kept[1].sum() == 1 and kept[1, 1, 1]  # probability exactly 0.5: background
 
 
 def test_postprocess_presence_gates_slices():
