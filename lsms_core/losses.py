@@ -20,6 +20,9 @@ contrastive (symmetric InfoNCE) and lesion presence (BCE).
   fewer than 2 valid samples the term is 0. Samples with the *same text* (identical strings when
   the model got strings, else identical text embeddings) are not negatives of each other: they are
   removed from each other's softmax denominators (e.g. "the largest lesion" on two patients).
+* ``contrastive_distractors``: each text also meets, as one more negative of its own row only,
+  ``visual_map`` pooled over the other lesions of its slice (the ``distractor`` map), so the term
+  must tell lesions of one slice apart, not only slices apart. Off by default.
 * ``presence``: BCE between ``presence_logits`` and "target has any foreground".
 """
 
@@ -59,10 +62,13 @@ def info_nce_loss(
     text: torch.Tensor,
     logit_scale: torch.Tensor,
     duplicates: torch.Tensor | None = None,
+    hard_negatives: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE between matching rows of ``visual`` and ``text`` ``(N, D)``.
 
     ``duplicates`` ``(N, N)`` bool marks pairs (i != j) that must not act as negatives.
+    ``hard_negatives`` ``(visual (N, D), valid (N,) bool)``: one more visual negative per text, for
+    its own row only (text i against the other lesions of image i), where ``valid``.
     """
     visual = F.normalize(visual, dim=1)
     text = F.normalize(text, dim=1)
@@ -70,7 +76,12 @@ def info_nce_loss(
     if duplicates is not None:
         logits = logits.masked_fill(duplicates, float("-inf"))
     labels = torch.arange(logits.shape[0], device=logits.device)
-    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+    text_logits = logits.t()
+    if hard_negatives is not None:
+        hard, valid = hard_negatives
+        extra = logit_scale * (F.normalize(hard, dim=1) * text).sum(1)
+        text_logits = torch.cat([text_logits, extra.masked_fill(~valid, float("-inf"))[:, None]], 1)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(text_logits, labels))
 
 
 class LSMSLoss(nn.Module):
@@ -117,15 +128,27 @@ class LSMSLoss(nn.Module):
                 )
         return loss
 
-    def contrastive_loss(self, output: LSMSOutput, target: torch.Tensor) -> torch.Tensor:
-        weights = F.adaptive_avg_pool2d(target, output.visual_map.shape[-2:])
+    @staticmethod
+    def _pooled(output: LSMSOutput, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``visual_map`` averaged over ``mask`` (area weights) ``(B, D)`` and whether the mask has area."""
+        weights = F.adaptive_avg_pool2d(mask, output.visual_map.shape[-2:])
         area = weights.sum((1, 2, 3))
-        valid = area > 0
+        return (output.visual_map * weights).sum((2, 3)) / area.clamp_min(1e-6)[:, None], area > 0
+
+    def contrastive_loss(
+        self, output: LSMSOutput, target: torch.Tensor, distractor: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        visual, valid = self._pooled(output, target)
         if int(valid.sum()) < 2:
             return output.visual_map.new_zeros(())
-        visual = (output.visual_map * weights).sum((2, 3)) / area.clamp_min(1e-6)[:, None]
         duplicates = _duplicate_texts(output)[valid][:, valid]
-        return info_nce_loss(visual[valid], output.text_embedding[valid], output.logit_scale, duplicates)
+        hard = None
+        if distractor is not None and self.config.contrastive_distractors:
+            other, has_other = self._pooled(output, distractor)
+            hard = (other[valid], has_other[valid])
+        return info_nce_loss(
+            visual[valid], output.text_embedding[valid], output.logit_scale, duplicates, hard
+        )
 
     def forward(
         self, output: LSMSOutput, target: torch.Tensor, distractor: torch.Tensor | None = None
@@ -138,7 +161,7 @@ class LSMSLoss(nn.Module):
         present = (target.flatten(1).amax(1) > 0.5).to(output.presence_logits.dtype)
         presence = F.binary_cross_entropy_with_logits(output.presence_logits, present)
         if cfg.contrastive_weight > 0:
-            contrastive = self.contrastive_loss(output, target)
+            contrastive = self.contrastive_loss(output, target, distractor)
         else:
             contrastive = target.new_zeros(())
         loss = seg + cfg.contrastive_weight * contrastive + cfg.presence_weight * presence

@@ -105,6 +105,7 @@ class LSMSConfig:
     the slice's other lesions, those the expression does not refer to (1 = as any background pixel);
     ``contrastive_weight`` (0 = off) with projection size
     ``embed_dim`` and learnable temperature starting at ``contrastive_temperature_init``;
+    ``contrastive_distractors`` adds each text's other lesions on its slice as a negative;
     ``presence_weight`` for the lesion-present-in-slice head.
     """
 
@@ -135,6 +136,7 @@ class LSMSConfig:
     seg_dice_weight: float = 1.0
     deep_supervision_weights: tuple[float, ...] = (0.4, 0.2, 0.1)
     distractor_weight: float = 1.0
+    contrastive_distractors: bool = False
     contrastive_weight: float = 0.1
     presence_weight: float = 0.1
     contrastive_temperature_init: float = 0.07
@@ -185,8 +187,9 @@ class LSMSConfig:
             fail("mlp_ratio", "must be positive")
         if self.decoder not in DECODERS:
             fail("decoder", f"must be one of {DECODERS}")
-        if not isinstance(self.refine_head, bool):
-            fail("refine_head", "must be true or false")
+        for name in ("refine_head", "contrastive_distractors"):
+            if not isinstance(getattr(self, name), bool):
+                fail(name, "must be true or false")
         for name in ("decoder_skip_dim", "decoder_dim", "refine_dim", "embed_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, "must be a positive integer")

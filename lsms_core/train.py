@@ -76,6 +76,7 @@ TRAINING_FIELDS = (
     "deep_supervision_weights",
     "distractor_weight",
     "contrastive_weight",
+    "contrastive_distractors",
     "presence_weight",
 )
 

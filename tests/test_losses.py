@@ -156,6 +156,44 @@ def test_info_nce_is_log_n_for_uninformative_embeddings_and_low_when_matched():
     assert float(info_nce_loss(eye, swapped, torch.tensor(50.0))) > 10
 
 
+def test_hard_negatives_join_only_their_own_texts_row():
+    """Text i meets its image's other lesions as one more negative; no other text does, and an
+    invalid hard negative changes nothing."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    visual, text, scale = torch.randn(3, 8), torch.randn(3, 8), torch.tensor(5.0)
+    hard = torch.randn(3, 8)
+    base = info_nce_loss(visual, text, scale)
+    torch.testing.assert_close(
+        info_nce_loss(visual, text, scale, hard_negatives=(hard, torch.zeros(3, dtype=torch.bool))), base
+    )
+    only_first = torch.tensor([True, False, False])
+    logits = scale * F.normalize(visual, dim=1) @ F.normalize(text, dim=1).t()
+    extra = torch.full((3, 1), float("-inf"))
+    extra[0, 0] = scale * F.normalize(hard[0], dim=0) @ F.normalize(text[0], dim=0)
+    labels = torch.arange(3)
+    expected = 0.5 * (
+        F.cross_entropy(logits, labels) + F.cross_entropy(torch.cat([logits.t(), extra], 1), labels)
+    )
+    got = info_nce_loss(visual, text, scale, hard_negatives=(hard, only_first))
+    torch.testing.assert_close(got, expected)
+    assert got > base  # a negative more can only raise the loss
+
+
+def test_contrastive_distractors_pool_the_other_lesions_as_negatives(tiny_encoder_dir, tiny_model):
+    out, target = _output(tiny_model), _targets(4)
+    distractor = torch.zeros_like(target)
+    distractor[:2, :, 30:40, 30:40] = 1  # the first two slices show another lesion
+    on = LSMSLoss(make_tiny_config(tiny_encoder_dir, contrastive_distractors=True))
+    off = LSMSLoss(make_tiny_config(tiny_encoder_dir))
+    assert on(out, target, distractor)["contrastive"] > off(out, target, distractor)["contrastive"]
+    torch.testing.assert_close(on(out, target)["contrastive"], off(out, target)["contrastive"])  # no map
+    torch.testing.assert_close(
+        on(out, target, torch.zeros_like(target))["contrastive"], off(out, target)["contrastive"]
+    )
+
+
 def test_identical_texts_are_not_negatives_of_each_other(tiny_model):
     texts = ["the largest lesion", "the largest lesion", "the small cyst", "no lesion"]
     out = _output(tiny_model, texts=texts)

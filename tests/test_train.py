@@ -377,7 +377,12 @@ def test_fine_tune_from_saved_model(small_config, data_dir, tmp_path):
 
     base = save_model(LSMS(small_config), tmp_path / "base.safetensors")
     requested = dataclasses.replace(
-        small_config, embed_dims=(8, 8, 8, 8), presence_weight=0.5, distractor_weight=3.0, image_size=64
+        small_config,
+        embed_dims=(8, 8, 8, 8),
+        presence_weight=0.5,
+        distractor_weight=3.0,
+        contrastive_distractors=True,
+        image_size=64,
     )
     summary, events = run(
         requested, data_dir, tmp_path / "ft", train_config=fast_config(max_steps=1), init_from=base
@@ -387,6 +392,7 @@ def test_fine_tune_from_saved_model(small_config, data_dir, tmp_path):
     # the saved architecture wins, the training fields come from the requested config
     assert card["config"]["embed_dims"] == list(small_config.embed_dims)
     assert card["config"]["presence_weight"] == 0.5 and card["config"]["distractor_weight"] == 3.0
+    assert card["config"]["contrastive_distractors"] is True
     assert card["config"]["image_size"] == 64  # the input size may change: the weights work at any size
 
 
