@@ -11,7 +11,8 @@ to each 2D slice on its own (a singular expression keeps one connected component
 Rows, all on the same pairs:
 
 * each model alone (``LSMS.predict`` at ``--scales`` with its default gate, then mask and
-  presence thresholds of 0.5, as :func:`lsms_core.evaluate.evaluate_model` scores it);
+  presence thresholds of :data:`lsms_core.infer.THRESHOLD` (0.5), as
+  :func:`lsms_core.evaluate.evaluate_model` scores it);
 * ``mean of all``: the mask and presence probabilities of every model averaged, then thresholded;
 * ``+ per-slice postprocess``: the first model's and the mean's probabilities passed, one slice at a
   time, through :func:`lsms_core.infer.postprocess` (what the volume Segmenter does in 3D: a singular
@@ -68,7 +69,7 @@ def score(mask, presence, targets, info, selection: str = "none"):
     from scipy import ndimage
 
     from lsms_core.data.expressions import expression_number
-    from lsms_core.infer import postprocess
+    from lsms_core.infer import THRESHOLD, postprocess
     from lsms_core.metrics import pair_stats, summarize
 
     records, stats = [], []
@@ -78,7 +79,7 @@ def score(mask, presence, targets, info, selection: str = "none"):
             singular = expression_number(pair["text"]) == "singular"
             pred = postprocess(prob[None], presence[k : k + 1], singular)[0] > 0
         else:
-            pred = (prob > 0.5) & (presence[k] > 0.5)
+            pred = (prob > THRESHOLD) & (presence[k] > THRESHOLD)
         if selection == "oracle" and targets[k].any():  # negatives keep their answer
             labels, _ = ndimage.label(pred, structure=np.ones((3, 3), dtype=bool))
             pred = np.isin(labels, np.unique(labels[pred & targets[k]]))

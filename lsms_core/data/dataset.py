@@ -841,19 +841,17 @@ class _SliceDataset:
         depth = case.image.array.shape[0]
         stack = case.image.array[adjacent_slices(z, self.in_slices, depth)]
         image = prepare_slices(stack, self.image_size, self.hu_window)
+        lesions = case.lesions[z]
+        in_targets = np.isin(lesions, record["targets"]) if "targets" in record else None
         if present:
-            if "mask" in record:
-                target = self._target(record)[z]
-            else:
-                target = np.isin(case.lesions[z], record["targets"])
+            target = self._target(record)[z] if "mask" in record else in_targets
             mask = prepare_mask(target, self.image_size)
         else:
             mask = np.zeros((1, self.image_size, self.image_size), dtype=np.float32)
-        if "targets" in record:  # a drawn mask does not say which lesion it is: no distractors known
-            others = (case.lesions[z] > 0) & ~np.isin(case.lesions[z], record["targets"])
-            distractor = prepare_mask(others, self.image_size) * (1.0 - mask)
-        else:
+        if in_targets is None:  # a drawn mask does not say which lesion it is: no distractors known
             distractor = np.zeros_like(mask)
+        else:
+            distractor = prepare_mask((lesions > 0) & ~in_targets, self.image_size) * (1.0 - mask)
         if self.augment:
             image, mask, distractor = self._augment(image, mask, distractor)
         return {
