@@ -381,3 +381,71 @@ def test_combine_answers_first_rows_are_evaluate_models_figures(tiny_config, tmp
         f"{paths[0]} + oracle component choice (upper bound)",
     ]
     assert f"| {script.cell(report['overall']['mIoU'])} |" in rows[0]
+
+
+def test_learned_choice_raw_answers_are_evaluate_models_pairs(tiny_config, tmp_path):
+    import dataclasses
+
+    import torch
+    from _datasets import make_tiny_dataset
+
+    from lsms_core.evaluate import evaluate_model
+    from lsms_core.model import LSMS
+
+    script = _load("learned_choice")
+    data = make_tiny_dataset(tmp_path / "tiny", cases=4)
+    torch.manual_seed(0)
+    model = LSMS(dataclasses.replace(tiny_config, image_size=32))
+    records, comps, sentence = script.components(model, data, "test", None, (1.0,))
+    raw = script.choose(records, comps, lambda r, cs: range(len(cs)))
+    report = evaluate_model(model, data, "test", per_pair=True)
+    assert [(r["id"], r["z"], r["intersection"], r["union"]) for r in raw] == [
+        (p["id"], p["z"], p["intersection"], p["union"]) for p in report["pairs"]
+    ]
+    assert set(sentence) == {r["text"] for r in records}
+
+
+def test_learned_choice_scorer_learns_which_component_the_words_mean():
+    import numpy as np
+
+    script = _load("learned_choice")
+    rng = np.random.default_rng(0)
+    words = {"the larger one": np.ones(8, np.float32), "the smaller one": -np.ones(8, np.float32)}
+
+    def answers(n):
+        records, comps = [], []
+        for k in range(n):
+            text = ["the larger one", "the smaller one"][k % 2]
+            areas = rng.choice(np.arange(20, 400), size=rng.integers(2, 4), replace=False).astype(float)
+            meant = int(areas.argmax() if text == "the larger one" else areas.argmin())
+            comps.append(
+                [
+                    {"area": a, "inter": a if j == meant else 0.0, "psum": 0.8 * a, "pmax": 0.9,
+                     "image": 0.5, "ring": 0.6, "cy": rng.random(), "cx": rng.random()}
+                    for j, a in enumerate(areas)
+                ]
+            )  # fmt: skip
+            records.append(
+                {"id": str(k), "case": f"c{k % 5}", "z": 0, "text": text, "singular": True,
+                 "presence": 0.9, "target_area": int(areas[meant]), "embedding": words[text]}
+            )  # fmt: skip
+        return records, comps
+
+    train = answers(400)
+    score, n_components, n_answers = script.train_scorer(
+        *train, words, epochs=30, dropout=0.0, seed=0, use_text=True
+    )
+    assert n_answers == 400 and n_components == sum(len(cs) for cs in train[1])
+    records, comps = answers(100)
+
+    def learned(r, cs):
+        return [int(score(cs, r["presence"], r["embedding"]).argmax())]
+
+    chosen = script.choose(records, comps, learned)
+    assert np.mean([p["intersection"] == p["union"] for p in chosen]) > 0.95
+    # without the words the same scorer cannot tell "larger" from "smaller": about half right
+    blind, *_ = script.train_scorer(*train, words, epochs=30, dropout=0.0, seed=0, use_text=False)
+    chosen = script.choose(
+        records, comps, lambda r, cs: [int(blind(cs, r["presence"], r["embedding"]).argmax())]
+    )
+    assert np.mean([p["intersection"] == p["union"] for p in chosen]) < 0.7
