@@ -1,7 +1,8 @@
 """Would other probability thresholds close the accuracy gap? A sweep of the mask threshold and of
-the presence gate's threshold over one split, from a single forward pass.
+the presence gate's threshold over one split, from a single inference of each pair (the default
+inference of ``lsms evaluate``, or one pass with ``--scales 1``).
 
-    python benchmarks/thresholds.py --data data/bench240 [--model M] [--split val]
+    python benchmarks/thresholds.py --data data/bench240 [--model M] [--split val] [--scales 1]
 
 :func:`lsms_core.evaluate.evaluate_model` scores the pairs at 0.5 / 0.5 (``THRESHOLD``): a pixel is
 in the mask when its probability is above the mask threshold, and the whole answer is emptied when
@@ -55,28 +56,33 @@ class PairCounts:
 
 
 def collect(
-    model, data, split: str, mask_thresholds=MASK_THRESHOLDS, batch_size=16, max_items=None, progress=None
+    model,
+    data,
+    split: str,
+    mask_thresholds=MASK_THRESHOLDS,
+    batch_size=16,
+    max_items=None,
+    progress=None,
+    scales=(1.0,),
 ):
-    """One forward pass of ``model`` over the pairs :func:`~lsms_core.evaluate.evaluate_model` scores."""
+    """The answers' probabilities on the pairs :func:`~lsms_core.evaluate.evaluate_model` scores, run
+    as it runs them (:func:`~lsms_core.evaluate.predict_pairs`: one pass by default, or ``scales``
+    averaged with :meth:`~lsms_core.model.LSMS.predict`'s default gate), counted at each mask threshold."""
     import torch
-    from torch.utils.data import DataLoader
 
-    from lsms_core.evaluate import evaluation_pairs
+    from lsms_core.evaluate import evaluation_pairs, predict_pairs
 
     pairs, _ = evaluation_pairs(model.config, data, split, max_items=max_items)
     inter, pred, target, presence = [], [], [], []
-    model.eval()
-    with torch.inference_mode():
-        for batch in DataLoader(pairs, batch_size=batch_size, shuffle=False):
-            output = model(batch["image"], list(batch["text"]))
-            prob = torch.sigmoid(output.logits.float())[:, 0].flatten(1)
-            truth = (batch["mask"][:, 0] > 0.5).flatten(1)
-            inter.append(torch.stack([((prob > t) & truth).sum(1) for t in mask_thresholds], 1))
-            pred.append(torch.stack([(prob > t).sum(1) for t in mask_thresholds], 1))
-            target.append(truth.sum(1))
-            presence.append(torch.sigmoid(output.presence_logits.float()))
-            if progress is not None:
-                progress(sum(len(t) for t in target), len(pairs))
+    for batch, prob, present in predict_pairs(model, pairs, batch_size=batch_size, scales=scales):
+        prob = prob[:, 0].flatten(1)
+        truth = (batch["mask"][:, 0] > 0.5).flatten(1)
+        inter.append(torch.stack([((prob > t) & truth).sum(1) for t in mask_thresholds], 1))
+        pred.append(torch.stack([(prob > t).sum(1) for t in mask_thresholds], 1))
+        target.append(truth.sum(1))
+        presence.append(present)
+        if progress is not None:
+            progress(sum(len(t) for t in target), len(pairs))
     return PairCounts(
         tuple(mask_thresholds),
         torch.cat(inter).numpy(),
@@ -88,6 +94,8 @@ def collect(
 
 def main(argv=None) -> None:
     from lsms_core.checkpoint import load_model
+    from lsms_core.cli import add_scales_argument
+    from lsms_core.model import check_scales
 
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -97,13 +105,17 @@ def main(argv=None) -> None:
     parser.add_argument("--split", default="val")
     parser.add_argument("--max-items", type=int, default=None)
     parser.add_argument("--min-negative-accuracy", type=float, default=0.9)
+    add_scales_argument(parser)  # the default inference of lsms predict|evaluate; --scales 1: one pass
     args = parser.parse_args(argv)
 
     model = load_model(args.model)
     start = time.perf_counter()
-    counts = collect(model, args.data, args.split, max_items=args.max_items)
+    scales = check_scales(tuple(args.scales))
+    counts = collect(model, args.data, args.split, max_items=args.max_items, scales=scales)
     seconds = time.perf_counter() - start
-    print(f"## {args.split} split of {args.data}: {len(counts.presence)} pairs ({seconds:.0f} s)\n")
+    print(
+        f"## {args.split} split of {args.data}: {len(counts.presence)} pairs, scales {list(scales)} ({seconds:.0f} s)\n"
+    )
     best, rows = None, []
     for t in MASK_THRESHOLDS:
         for p in PRESENCE_THRESHOLDS:

@@ -180,6 +180,13 @@ def test_threshold_sweep_at_one_half_matches_evaluate_model(tiny_config, tmp_pat
     assert closed["positive_empty"] == 1.0 and closed["mIoU"] == 0.0
     assert closed["negative_accuracy"] in (1.0, None)
 
+    # at the default inference's two scales the sweep still scores what evaluate_model does
+    two = thresholds.collect(model, data, "test", mask_thresholds=(0.5,), batch_size=3, scales=(1.0, 1.2))
+    report = evaluate_model(model, data, "test", scales=(1.0, 1.2))
+    assert two.metrics(0.5, 0.5)["mIoU"] == report["overall"]["mIoU"]
+    assert two.metrics(0.5, 0.5)["negative_accuracy"] == report["overall"]["negative_accuracy"]
+    assert (two.presence != counts.presence).any()  # the second scale was run and averaged in
+
 
 def test_input_size_sweep_scores_each_model_at_each_size(tiny_config, tmp_path, capsys):
     import dataclasses
