@@ -218,6 +218,10 @@ class Segmenter:
             (:meth:`~lsms_core.model.LSMS.predict`, gated: the extra scale runs only on slices whose
             first answer is not confidently empty); :data:`DEFAULT_SCALES` by default, ``(1.0,)``
             for one forward pass.
+        gate: the extra scales skip slices whose first presence or peak mask probability is below
+            it (:meth:`~lsms_core.model.LSMS.predict`; default
+            :data:`~lsms_core.model.SCALES_GATE`, chosen on the validation split); ``0`` runs every
+            scale on every slice.
 
     Example::
 
@@ -234,12 +238,14 @@ class Segmenter:
         batch_size: int = 8,
         min_lesion_mm3: float = 20.0,
         scales: tuple[float, ...] = DEFAULT_SCALES,
+        gate: float | None = None,
     ):
-        from lsms_core.model import check_scales, preferred_memory_format
+        from lsms_core.model import SCALES_GATE, check_gate, check_scales, preferred_memory_format
 
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.scales = check_scales(scales)
+        self.gate = check_gate(SCALES_GATE if gate is None else gate)
         self.device = resolve_device(device)
         if model is None or isinstance(model, (str, os.PathLike)):
             from lsms_core.checkpoint import load_model
@@ -365,7 +371,9 @@ class Segmenter:
                 images = images.to(self.device, memory_format=self.memory_format)
                 t1 = time.perf_counter()
                 try:
-                    mask_prob, presence_prob = self.model.predict(images, _expand(features, len(idx)), scales)
+                    mask_prob, presence_prob = self.model.predict(
+                        images, _expand(features, len(idx)), scales, self.gate
+                    )
                 except RuntimeError as exc:  # torch.OutOfMemoryError (CUDA), MPS "out of memory"
                     if "out of memory" not in str(exc).lower():
                         raise

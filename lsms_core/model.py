@@ -563,6 +563,17 @@ class PresenceHead(nn.Module):
 SCALES_GATE = 0.1
 
 
+def check_gate(gate) -> float:
+    """``gate`` for :meth:`LSMS.predict` as a float in [0, 0.5), or a ValueError that says why."""
+    try:
+        value = float(gate)
+    except (TypeError, ValueError):
+        raise ValueError(f"gate must be in [0, 0.5), got {gate!r}") from None
+    if not 0.0 <= value < 0.5:
+        raise ValueError(f"gate must be in [0, 0.5), got {gate!r}")
+    return value
+
+
 def check_scales(scales) -> tuple[float, ...]:
     """``scales`` for :meth:`LSMS.predict` as a tuple of floats, or a ValueError that says why."""
     try:
@@ -811,8 +822,7 @@ class LSMS(nn.Module):
             ``(mask (B, 1, H, W), presence (B,))`` as float probabilities.
         """
         scales = check_scales(scales)
-        if not 0.0 <= gate < 0.5:
-            raise ValueError(f"gate must be in [0, 0.5), got {gate!r}")
+        gate = check_gate(gate)
         if not isinstance(text, TextFeatures):
             if isinstance(text, str):
                 text = [text] * images.shape[0]

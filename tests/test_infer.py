@@ -145,6 +145,28 @@ def test_scales_average_each_slice_over_input_sizes(model3):
         Segmenter(model3, device="cpu", scales=(0.0,))
 
 
+def test_the_segmenter_runs_extra_scales_with_its_gate(model3, monkeypatch):
+    from lsms_core.model import LSMS, SCALES_GATE
+
+    gates = []
+    predict = LSMS.predict
+
+    def recording(self, images, text, scales=(1.0,), gate=SCALES_GATE):
+        gates.append(gate)
+        return predict(self, images, text, scales, gate)
+
+    monkeypatch.setattr(LSMS, "predict", recording)
+    ct = _ct()
+    Segmenter(model3, device="cpu", batch_size=4).segment(ct, "the lesion")
+    assert gates and set(gates) == {SCALES_GATE}  # what LSMS.predict's gate does: test_model.py
+    gates.clear()
+    Segmenter(model3, device="cpu", batch_size=4, gate=0).segment(ct, "the lesion")
+    assert gates and set(gates) == {0.0}
+    for gate in (-0.1, 0.5, "high"):
+        with pytest.raises(ValueError, match="gate must be in"):
+            Segmenter(model3, device="cpu", gate=gate)
+
+
 @pytest.mark.parametrize(
     ("volume", "text", "match"),
     [
