@@ -456,3 +456,39 @@ def test_learned_choice_scorer_learns_which_component_the_words_mean():
         records, comps, lambda r, cs: [int(blind(cs, r["presence"], r["embedding"]).argmax())]
     )
     assert np.mean([p["intersection"] == p["union"] for p in chosen]) < 0.7
+
+
+def test_where_it_fails_groups_every_positive_pair_once(tiny_config, tmp_path):
+    import dataclasses
+
+    import numpy as np
+    import torch
+    from _datasets import make_tiny_dataset
+
+    from lsms_core.data.dataset import ReferringDataset, SliceDataset
+    from lsms_core.evaluate import evaluate_model
+    from lsms_core.model import LSMS
+
+    script = _load("where_it_fails")
+    data = make_tiny_dataset(tmp_path / "tiny", cases=4)
+    torch.manual_seed(0)
+    model = LSMS(dataclasses.replace(tiny_config, image_size=32))
+    report = evaluate_model(model, data, "test", per_pair=True)
+    rows = script.pair_groups(report, data, "test")
+
+    positives = [p for p in report["pairs"] if p["target_area"]]
+    assert len(rows) == len(positives) > 0
+    assert np.mean([r["iou"] for r in rows]) == pytest.approx(report["overall"]["mIoU"])
+    # the tiny lesions are cylinders: every slice holds their whole cross-section
+    assert {r["band"] for r in rows} == {"core (>= 60 %)"}
+    # "another lesion too" agrees with the dataset's own test; the tiny records carry no query
+    slices = SliceDataset(ReferringDataset(data), "test", image_size=32)
+    records = {r["id"]: r for r in ReferringDataset(data).expressions("test")}
+    expected = [script.CONTENT[slices.shows_other_lesion(records[p["id"]], p["z"])] for p in positives]
+    assert [r["content"] for r in rows] == expected and len(set(expected)) == 2
+    assert all(r["words"] == ["(no query)"] for r in rows)
+
+    first, second = script.tables(rows)
+    assert first[-1][-1] == f"{np.mean([r['iou'] for r in rows]):.3f} ({len(rows)})"
+    assert second[0][0] == "(no query)"
+    assert script.share_band(0.1) == "tip or edge (< 25 %)" and script.share_band(0.6) == "core (>= 60 %)"

@@ -1,0 +1,119 @@
+"""Where the model's 2D answers fail: mIoU of the positive pairs by what else the slice shows, by how
+much of the target's largest cross-section the slice holds, and by the words of the expression.
+
+    python benchmarks/where_it_fails.py --data data/bench240 --split val [--model M] [--scales 1]
+
+The pairs are :func:`lsms_core.evaluate.evaluate_model`'s (``--scales`` as ``lsms evaluate``, the
+default inference by default). A target lesion's *cross-section share* on a slice is its area there
+over its largest area on any slice (for several targets, the largest share): under 25 % the slice
+holds a tip or an edge of the lesion, from 60 % its core. "Another lesion too": the slice also shows
+a lesion the expression does not refer to, so the words must pick one. The last table groups the
+pairs by each filter and selector of the expression's query (a pair counts under each of its
+words; records without a query, such as drawn corrections, count as ``(no query)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import numpy as np
+from _markdown import print_markdown_table
+
+SHARE_BANDS = ((0.25, "tip or edge (< 25 %)"), (0.6, "25-60 %"), (float("inf"), "core (>= 60 %)"))
+CONTENT = ("only the target(s)", "another lesion too")
+
+
+def share_band(share: float) -> str:
+    return next(name for bound, name in SHARE_BANDS if share < bound)
+
+
+def pair_groups(report: dict, data, split: str) -> list[dict]:
+    """One row per positive pair of ``report`` (``evaluate_model(..., per_pair=True)``): its IoU,
+    whether another lesion shows, the target's cross-section band and the query's words."""
+    from lsms_core.data.dataset import ReferringDataset
+
+    dataset = data if isinstance(data, ReferringDataset) else ReferringDataset(data)
+    records = {r["id"]: r for r in dataset.expressions(split)}
+    areas: dict[str, dict[int, np.ndarray]] = {}
+    rows = []
+    for pair in report["pairs"]:
+        if not pair["target_area"]:
+            continue
+        record, z = records[pair["id"]], pair["z"]
+        if pair["case"] not in areas:
+            lesions = dataset.load_case(pair["case"]).lesions  # canonical, as the pairs' z
+            areas[pair["case"]] = {int(i): (lesions == i).sum((1, 2)) for i in np.unique(lesions) if i > 0}
+        per_lesion = areas[pair["case"]]
+        targets = [int(t) for t in record["targets"]]
+        share = max(per_lesion[t][z] / per_lesion[t].max() for t in targets if t in per_lesion)
+        others = any(per_lesion[i][z] > 0 for i in per_lesion if i not in targets)
+        query = record.get("query") or {}
+        words = [*query.get("filters", {})] + (
+            [f"selector: {query['selector']}"] if query.get("selector") else []
+        )
+        rows.append(
+            {
+                "iou": pair["intersection"] / pair["union"],
+                "content": CONTENT[others],
+                "band": share_band(float(share)),
+                "words": words or ["(no query)"],
+            }
+        )
+    return rows
+
+
+def tables(rows: list[dict]) -> tuple[list[list[str]], list[list[str]]]:
+    """(content x cross-section band, words x content) markdown rows: ``mIoU (n)`` per cell."""
+
+    def cell(values):
+        return f"{np.mean(values):.3f} ({len(values)})" if values else "-"
+
+    by_band = collections.defaultdict(list)
+    by_words = collections.defaultdict(list)
+    for r in rows:
+        by_band[(r["content"], r["band"])].append(r["iou"])
+        by_band[(r["content"], "all")].append(r["iou"])
+        for w in r["words"]:
+            by_words[(w, r["content"])].append(r["iou"])
+    bands = [name for _, name in SHARE_BANDS] + ["all"]
+    first = [[content, *(cell(by_band[(content, b)]) for b in bands)] for content in CONTENT]
+    first.append(["all", *(cell([r["iou"] for r in rows if b in ("all", r["band"])]) for b in bands)])
+    words = sorted({w for w, _ in by_words}, key=lambda w: -sum(len(by_words[(w, c)]) for c in CONTENT))
+    second = [[w, *(cell(by_words[(w, c)]) for c in CONTENT)] for w in words]
+    return first, second
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lsms_core.cli import add_scales_argument
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    add_scales_argument(parser)
+    args = parser.parse_args(argv)
+
+    from lsms_core.checkpoint import load_model
+    from lsms_core.evaluate import evaluate_model
+    from lsms_core.model import check_scales
+
+    scales = check_scales(tuple(args.scales))
+    model = load_model(args.model)
+    start = time.perf_counter()
+    report = evaluate_model(model, args.data, args.split, scales=scales, per_pair=True)
+    rows = pair_groups(report, args.data, args.split)
+    print(
+        f"{args.split} split of {args.data}, scales {list(scales)}: {len(rows)} positive pairs, "
+        f"mIoU {report['overall']['mIoU']:.3f} ({time.perf_counter() - start:.0f} s)\n"
+    )
+    first, second = tables(rows)
+    print_markdown_table(["the slice shows", *(name for _, name in SHARE_BANDS), "all"], first)
+    print()
+    print_markdown_table(["words of the query", *CONTENT], second)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
