@@ -2,6 +2,7 @@
 much of the target's largest cross-section the slice holds, and by the words of the expression.
 
     python benchmarks/where_it_fails.py --data data/bench240 --split val [--model M] [--scales 1]
+        [--max-items N]
 
 The pairs are :func:`lsms_core.evaluate.evaluate_model`'s (``--scales`` as ``lsms evaluate``, the
 default inference by default). A target lesion's *cross-section share* on a slice is its area there
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True)
     parser.add_argument("--split", default="val")
     parser.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    parser.add_argument("--max-items", type=int, default=0, help="pairs, evenly spaced (0 = all)")
     add_scales_argument(parser)
     args = parser.parse_args(argv)
 
@@ -102,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     scales = check_scales(tuple(args.scales))
     model = load_model(args.model)
     start = time.perf_counter()
-    report = evaluate_model(model, args.data, args.split, scales=scales, per_pair=True)
+    report = evaluate_model(
+        model, args.data, args.split, scales=scales, per_pair=True, max_items=args.max_items or None
+    )
     rows = pair_groups(report, args.data, args.split)
     print(
         f"{args.split} split of {args.data}, scales {list(scales)}: {len(rows)} positive pairs, "

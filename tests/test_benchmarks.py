@@ -492,3 +492,22 @@ def test_where_it_fails_groups_every_positive_pair_once(tiny_config, tmp_path):
     assert first[-1][-1] == f"{np.mean([r['iou'] for r in rows]):.3f} ({len(rows)})"
     assert second[0][0] == "(no query)"
     assert script.share_band(0.1) == "tip or edge (< 25 %)" and script.share_band(0.6) == "core (>= 60 %)"
+
+
+def test_where_it_fails_prints_its_tables_for_evenly_spaced_pairs(tiny_config, tmp_path, capsys):
+    import dataclasses
+
+    from _datasets import make_tiny_dataset
+
+    from lsms_core.checkpoint import save_model
+    from lsms_core.model import LSMS
+
+    script = _load("where_it_fails")
+    data = make_tiny_dataset(tmp_path / "tiny", cases=4)
+    path = save_model(LSMS(dataclasses.replace(tiny_config, image_size=32)), tmp_path / "m.safetensors")
+    args = ["--data", str(data), "--split", "test", "--model", str(path), "--scales", "1", "--max-items", "4"]
+    assert script.main(args) == 0
+    out = capsys.readouterr().out
+    positives = int(out.split(": ", 1)[1].split(" positive pairs")[0])
+    assert 0 < positives <= 4  # of the 4 pairs scored, the negatives are not grouped
+    assert "| the slice shows |" in out and "| words of the query |" in out
