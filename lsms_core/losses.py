@@ -104,9 +104,7 @@ class LSMSLoss(nn.Module):
         self, logits: torch.Tensor, target: torch.Tensor, distractor: torch.Tensor | None = None
     ) -> torch.Tensor:
         cfg = self.config
-        pixel_weight = None
-        if distractor is not None and cfg.distractor_weight != 1.0:
-            pixel_weight = 1.0 + (cfg.distractor_weight - 1.0) * distractor
+        pixel_weight = None if distractor is None else 1.0 + (cfg.distractor_weight - 1.0) * distractor
         bce = F.binary_cross_entropy_with_logits(logits, target, weight=pixel_weight)
         positive = target.flatten(1).amax(1) > 0
         if positive.any():
@@ -118,6 +116,8 @@ class LSMSLoss(nn.Module):
     def segmentation_loss(
         self, output: LSMSOutput, target: torch.Tensor, distractor: torch.Tensor | None = None
     ) -> torch.Tensor:
+        if self.config.distractor_weight == 1.0:  # off: the map would weigh every pixel 1
+            distractor = None
         loss = self._seg_term(output.logits, target, distractor)
         for weight, aux in zip(self.config.deep_supervision_weights, output.aux_logits):
             if weight > 0:
