@@ -135,9 +135,9 @@ def predict_pairs(
     import torch
     from torch.utils.data import DataLoader
 
-    from lsms_core.model import SCALES_GATE, check_gate, preferred_memory_format
+    from lsms_core.model import check_gate, preferred_memory_format
 
-    gate = check_gate(SCALES_GATE if gate is None else gate)
+    gate = check_gate(gate)
     device = torch.device(device)
     was_training = model.training  # restored after: the runner shares (and evals) the text encoder
     model.to(device)
@@ -197,12 +197,12 @@ def evaluate_model(
     import numpy as np
 
     from lsms_core.metrics import MetricAccumulator
-    from lsms_core.model import SCALES_GATE, check_gate, check_scales
+    from lsms_core.model import check_gate, check_scales
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     scales = check_scales(scales)
-    gate = check_gate(SCALES_GATE if gate is None else gate)
+    gate = check_gate(gate)
     size = int(image_size or model.config.image_size)
     pairs, total = evaluation_pairs(model.config, dataset, split, image_size=size, max_items=max_items)
     indices = pairs.indices

@@ -240,12 +240,12 @@ class Segmenter:
         scales: tuple[float, ...] = DEFAULT_SCALES,
         gate: float | None = None,
     ):
-        from lsms_core.model import SCALES_GATE, check_gate, check_scales, preferred_memory_format
+        from lsms_core.model import check_gate, check_scales, preferred_memory_format
 
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.scales = check_scales(scales)
-        self.gate = check_gate(SCALES_GATE if gate is None else gate)
+        self.gate = check_gate(gate)
         self.device = resolve_device(device)
         if model is None or isinstance(model, (str, os.PathLike)):
             from lsms_core.checkpoint import load_model

@@ -564,7 +564,10 @@ SCALES_GATE = 0.1
 
 
 def check_gate(gate) -> float:
-    """``gate`` for :meth:`LSMS.predict` as a float in [0, 0.5), or a ValueError that says why."""
+    """``gate`` for :meth:`LSMS.predict` as a float in [0, 0.5) (``None``: :data:`SCALES_GATE`), or a
+    ValueError that says why."""
+    if gate is None:
+        return SCALES_GATE
     try:
         value = float(gate)
     except (TypeError, ValueError):
