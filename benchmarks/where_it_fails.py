@@ -33,7 +33,7 @@ def share_band(share: float) -> str:
 def pair_groups(report: dict, data, split: str) -> list[dict]:
     """One row per positive pair of ``report`` (``evaluate_model(..., per_pair=True)``): its IoU,
     whether another lesion shows, the target's cross-section band and the query's words."""
-    from lsms_core.data.dataset import ReferringDataset
+    from lsms_core.data.dataset import ReferringDataset, other_lesion_on_slice
 
     dataset = data if isinstance(data, ReferringDataset) else ReferringDataset(data)
     records = {r["id"]: r for r in dataset.expressions(split)}
@@ -49,7 +49,7 @@ def pair_groups(report: dict, data, split: str) -> list[dict]:
         per_lesion = areas[pair["case"]]
         targets = [int(t) for t in record["targets"]]
         share = max(per_lesion[t][z] / per_lesion[t].max() for t in targets if t in per_lesion)
-        others = any(per_lesion[i][z] > 0 for i in per_lesion if i not in targets)
+        others = other_lesion_on_slice(z, targets, dataset.case_info(pair["case"])["lesions"])
         query = record.get("query") or {}
         words = [*query.get("filters", {})] + (
             [f"selector: {query['selector']}"] if query.get("selector") else []
