@@ -12,7 +12,8 @@ Architecture (see ``docs/model.md`` for shapes per stage)::
     Full-Scale Decoder: level s ∈ {32,16,8,4} fuses every e_j (pooled/upsampled, 1x1-projected)
     and every coarser decoder output, 3x3 conv + BN + GELU, FiLM(sentence), 1x1 deep-supervision
     head. Final logits = head(d4) bilinearly upsampled to the input size (with ``refine_head``: plus
-    a residual from a light stride-2/stride-1 head over the stem feature and the input).
+    a residual from a light stride-2/stride-1 head over the stem feature and the input). With
+    ``relation_attention``, transformer layers over every pixel and word run after stage 3's blocks.
 
 **SVLA block** (Scale-aware Vision-Language Attention), in every encoder stage::
 
@@ -51,6 +52,7 @@ __all__ = [
     "SVLABlock",
     "FullScaleDecoder",
     "RefinementHead",
+    "RelationAttention",
     "preferred_memory_format",
 ]
 
@@ -100,6 +102,10 @@ class LSMSConfig:
     ``refine_head`` adds a light full-resolution head (stride 4 → 2 → 1, ``refine_dim`` channels,
     the stem's stride-2 feature and the input as skips) that corrects the upsampled stride-4 logits;
     its last layer starts at zero, so a saved model grown with it starts where it was.
+    ``relation_attention`` adds ``relation_layers`` transformer layers after encoder stage 3
+    (stride 16) in which every pixel attends to every pixel of the slice and to the words, so a
+    lesion's features can be compared with the other lesions' (our addition; zero-initialised
+    outputs, so a saved model grown with it starts where it was).
     Loss: ``seg_bce_weight`` + ``seg_dice_weight`` on the final logits, ``deep_supervision_weights``
     for the aux logits at strides 8, 16, 32; ``distractor_weight`` multiplies the BCE of the pixels of
     the slice's other lesions, those the expression does not refer to (1 = as any background pixel);
@@ -130,6 +136,8 @@ class LSMSConfig:
     decoder_dim: int = 32
     refine_head: bool = False
     refine_dim: int = 16
+    relation_attention: bool = False
+    relation_layers: int = 2
     # losses
     embed_dim: int = 128
     seg_bce_weight: float = 1.0
@@ -187,10 +195,10 @@ class LSMSConfig:
             fail("mlp_ratio", "must be positive")
         if self.decoder not in DECODERS:
             fail("decoder", f"must be one of {DECODERS}")
-        for name in ("refine_head", "contrastive_distractors"):
+        for name in ("refine_head", "relation_attention", "contrastive_distractors"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
-        for name in ("decoder_skip_dim", "decoder_dim", "refine_dim", "embed_dim"):
+        for name in ("decoder_skip_dim", "decoder_dim", "refine_dim", "relation_layers", "embed_dim"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, "must be a positive integer")
         if len(self.deep_supervision_weights) != 3:
@@ -391,6 +399,90 @@ class SVLABlock(nn.Module):
         return x + self.ffn(self.norm2(x))
 
 
+class RelationLayer(nn.Module):
+    """One pre-norm transformer layer over the pixels of a feature map, conditioned on the words.
+
+    Queries are the pixels; keys and values are **every pixel and every word** (padding words
+    masked out), so each pixel's update can depend on the rest of the slice (the other lesions) and
+    on the expression in one softmax. Positions enter as a linear embedding of the pixel centres'
+    x/y in [-1, 1] of the image (the coordinate channels' frame), added to queries and keys. Both
+    residual branches end in a zero-initialised linear layer: a new layer returns its input.
+    """
+
+    def __init__(self, dim: int, text_dim: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.position = nn.Linear(2, dim)
+        self.query_key = nn.Linear(dim, 2 * dim)
+        self.value = nn.Linear(dim, dim)
+        self.word_key_value = nn.Linear(text_dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        hidden = max(1, int(round(dim * mlp_ratio)))
+        self.ffn = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        for layer in (self.out, self.ffn[2]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(
+        self, tokens: torch.Tensor, positions: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``tokens`` ``(B, N, C)``, ``positions`` ``(N, 2)``, ``words`` ``(B, L, Ct)``, ``word_mask``
+        ``(B, L)`` (True = real token) -> ``(B, N, C)``."""
+        b, n, c = tokens.shape
+        heads = self.num_heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:  # (B, M, C) -> (B, heads, M, C/heads)
+            return t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2)
+
+        h = self.norm1(tokens)
+        q, k = self.query_key(h + self.position(positions)).chunk(2, dim=-1)
+        word_k, word_v = self.word_key_value(words).chunk(2, dim=-1)
+        keys = split(torch.cat([k, word_k], dim=1))
+        values = split(torch.cat([self.value(h), word_v], dim=1))
+        attend = torch.cat([word_mask.new_ones(b, n), word_mask], dim=1)[:, None, None, :]
+        out = F.scaled_dot_product_attention(split(q), keys, values, attn_mask=attend)
+        tokens = tokens + self.out(out.transpose(1, 2).reshape(b, n, c))
+        return tokens + self.ffn(self.norm2(tokens))
+
+
+class RelationAttention(nn.Module):
+    """``relation_layers`` :class:`RelationLayer` s over a ``(B, C, H, W)`` map at ``stride``
+    (our addition, ``LSMSConfig.relation_attention``): the SVLA blocks see a pixel's neighbourhood
+    and the words, never the other lesions of the slice, which "the largest" or "the more anterior
+    one" need. ``image_size`` is the unpadded input's ``(H, W)``, for the positions."""
+
+    def __init__(self, dim: int, text_dim: int, num_heads: int, mlp_ratio: float, layers: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.layers = nn.ModuleList(RelationLayer(dim, text_dim, num_heads, mlp_ratio) for _ in range(layers))
+
+    def positions(
+        self, grid: tuple[int, int], image_size: tuple[int, int], like: torch.Tensor
+    ) -> torch.Tensor:
+        """Pixel-centre x/y of a stride-``stride`` grid in the coordinate channels' [-1, 1] frame, ``(N, 2)``."""
+
+        def axis(cells: int, extent: int) -> torch.Tensor:
+            centres = (
+                torch.arange(cells, device=like.device, dtype=like.dtype) * self.stride
+                + (self.stride - 1) / 2
+            )
+            return 2 * centres / max(extent - 1, 1) - 1
+
+        ys, xs = axis(grid[0], image_size[0]), axis(grid[1], image_size[1])
+        return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).reshape(-1, 2)
+
+    def forward(self, x: torch.Tensor, text: TextFeatures, image_size: tuple[int, int]) -> torch.Tensor:
+        b, c, h, w = x.shape
+        tokens = x.flatten(2).transpose(1, 2)
+        positions = self.positions((h, w), image_size, tokens)
+        for layer in self.layers:
+            tokens = layer(tokens, positions, text.words, text.mask)
+        out = tokens.transpose(1, 2).reshape(b, c, h, w)
+        return out.contiguous(memory_format=_memory_format_of(x))
+
+
 class VisualEncoder(nn.Module):
     """Strided-conv stem (stride 4) and four SVLA stages at strides 4, 8, 16, 32."""
 
@@ -427,15 +519,20 @@ class VisualEncoder(nn.Module):
         """Channels of the stem's stride-2 feature."""
         return self.stem[0][0].out_channels
 
-    def forward(self, x: torch.Tensor, text: TextFeatures) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``(stem feature at stride 2, [e1, e2, e3, e4] at strides 4, 8, 16, 32])``."""
+    def forward(
+        self, x: torch.Tensor, text: TextFeatures, relation=None, image_size: tuple[int, int] | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(stem feature at stride 2, [e1, e2, e3, e4] at strides 4, 8, 16, 32])``; a
+        :class:`RelationAttention` ``relation`` runs after the blocks of its stride's stage."""
         features = []
         stem2 = self.stem[0](x)
         x = self.stem[1](stem2)
-        for downsample, blocks, norm in zip(self.downsamples, self.stages, self.norms):
+        for stride, downsample, blocks, norm in zip(STRIDES, self.downsamples, self.stages, self.norms):
             x = downsample(x)
             for block in blocks:
                 x = block(x, text)
+            if relation is not None and relation.stride == stride:
+                x = relation(x, text, image_size)
             x = norm(x)
             features.append(x)
         return stem2, features
@@ -646,6 +743,18 @@ class LSMS(nn.Module):
             if config.refine_head
             else None
         )
+        self.relation_attention = (
+            RelationAttention(
+                config.embed_dims[2],
+                text_dim,
+                config.num_heads[2],
+                config.mlp_ratio,
+                config.relation_layers,
+                STRIDES[2],
+            )
+            if config.relation_attention
+            else None
+        )
         self.presence_head = PresenceHead(config.decoder_dim, text_dim)
         self.visual_proj = nn.Conv2d(config.decoder_dim, config.embed_dim, 1)
         self.text_proj = nn.Sequential(
@@ -776,7 +885,7 @@ class LSMS(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
 
-        stem2, features = self.encoder(x, text)
+        stem2, features = self.encoder(x, text, self.relation_attention, (height, width))
         decoded, level_logits = self.decoder(features, text.sentence)
 
         def crop(t: torch.Tensor, stride: int) -> torch.Tensor:

@@ -83,7 +83,10 @@ TRAINING_FIELDS = (
 #: ``LSMSConfig`` switches that add a zero-initialised module of the same name, with the fields that
 #: size it: with ``init_from`` a switch may be turned on (not off), so a saved model is grown by the
 #: module and starts exactly where it was.
-GROWABLE_MODULES: dict[str, tuple[str, ...]] = {"refine_head": ("refine_dim",)}
+GROWABLE_MODULES: dict[str, tuple[str, ...]] = {
+    "refine_head": ("refine_dim",),
+    "relation_attention": ("relation_layers",),
+}
 GROWABLE_FIELDS = tuple(f for switch, sizes in GROWABLE_MODULES.items() for f in (switch, *sizes))
 
 #: ``in_slices`` may grow when fine-tuning (more through-plane context, never less): the

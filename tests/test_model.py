@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lsms_core.losses import LSMSLoss
-from lsms_core.model import LSMS, ConvNormAct, LSMSConfig, LSMSOutput, preferred_memory_format
+from lsms_core.model import LSMS, ConvNormAct, LSMSConfig, LSMSOutput, TextFeatures, preferred_memory_format
 from lsms_core.testing import randomise_batch_norm
 from lsms_core.testing import tiny_config as make_tiny_config
 
@@ -301,6 +301,7 @@ def test_count_parameters_separates_the_text_encoder(tiny_model):
         {"coord_channels": False},
         {"refine_head": True},
         {"refine_head": True, "coord_channels": False},
+        {"relation_attention": True},
     ],
 )
 def test_ablation_switches_build_and_run(tiny_encoder_dir, tiny_model, switches):
@@ -316,6 +317,9 @@ def test_ablation_switches_build_and_run(tiny_encoder_dir, tiny_model, switches)
     assert any("scale_attn" in n for n in names) == switches.get("use_scale_branch", True)
     assert any("language_attn" in n for n in names) == switches.get("use_language_branch", True)
     assert any(n.startswith("refine_head.") for n in names) == switches.get("refine_head", False)
+    assert any(n.startswith("relation_attention.") for n in names) == switches.get(
+        "relation_attention", False
+    )
     if switches.get("decoder") == "unet":  # only same-scale skips: one encoder source per level
         assert all(len(p) == 1 for p in model.decoder.enc_proj)
     _backward(model, batch=2)
@@ -343,6 +347,82 @@ def test_refinement_head_starts_as_the_upsampled_coarse_logits_then_learns(tiny_
     opt.step()
     with torch.no_grad():
         assert not torch.allclose(model.eval()(images, texts).logits, plain(images, texts).logits)
+
+
+def _relation(dim=8, text_dim=6, layers=1, zero_init=True):
+    from lsms_core.model import RelationAttention
+
+    relation = RelationAttention(dim, text_dim, num_heads=2, mlp_ratio=2.0, layers=layers, stride=16)
+    if not zero_init:  # as after some training: the residual outputs are no longer zero
+        for layer in relation.layers:
+            for linear in (layer.out, layer.ffn[2]):
+                torch.nn.init.normal_(linear.weight, std=0.3)
+    return relation
+
+
+def _words(lengths, text_dim=6, total=5):
+    words = torch.randn(len(lengths), total, text_dim)
+    mask = torch.arange(total)[None, :] < torch.tensor(lengths)[:, None]
+    return TextFeatures(words=words, mask=mask, sentence=words.mean(1))
+
+
+def test_relation_attention_starts_as_identity_and_sees_the_whole_slice_and_the_words():
+    torch.manual_seed(0)
+    x, text = torch.randn(2, 8, 6, 7), _words([3, 5])
+    assert torch.equal(_relation()(x, text, (96, 112)), x)  # zero-initialised: a new module is a no-op
+    relation = _relation(zero_init=False).eval()
+    out = relation(x, text, (96, 112))
+    # a far pixel changes the opposite corner's output: attention over the whole slice, which the
+    # SVLA blocks' convolutions (a few pixels) and pixel-word attention do not give
+    far = x.clone()
+    far[:, :, 0, 0] += 3.0 * torch.randn(8)  # not a constant, which the layer norm would remove
+    assert (relation(far, text, (96, 112))[:, :, -1, -1] - out[:, :, -1, -1]).abs().max() > 1e-3
+    # the words change every pixel; padding tokens change nothing
+    other = TextFeatures(words=text.words.clone(), mask=text.mask, sentence=text.sentence)
+    other.words[:, 0] += 1.0
+    assert (relation(x, other, (96, 112)) - out).abs().amin() > 0
+    padded = TextFeatures(words=text.words.clone(), mask=text.mask, sentence=text.sentence)
+    padded.words[0, 3:] = 100.0  # the first text has 3 real tokens
+    torch.testing.assert_close(relation(x, padded, (96, 112))[0], out[0])
+
+
+def test_relation_positions_are_the_coordinate_channels_averaged_over_each_cell():
+    relation = _relation()
+    images = torch.zeros(1, 1, 48, 80)
+    expected = F.avg_pool2d(LSMS._coords(images), 16)  # (1, 2, 3, 5): x, y of each cell's centre
+    got = relation.positions((3, 5), (48, 80), images)  # (15, 2), row-major cells, (x, y)
+    torch.testing.assert_close(got, expected[0].flatten(1).T)
+
+
+def test_relation_attention_learns_to_carry_one_lesion_to_every_pixel():
+    """Every pixel must output a property (channel 2) of the slice's one marked spot (channel 0),
+    wherever that spot is: information no convolution of a few pixels has. The best answer that
+    looks at each pixel alone is the property's mean (MSE = its variance over the 8 channels);
+    one layer learns to do far better."""
+    torch.manual_seed(0)
+    relation = _relation(dim=8, layers=1)
+    text = _words([2] * 16)
+    opt = torch.optim.Adam(relation.parameters(), lr=3e-3)
+
+    def batch():
+        x = torch.randn(16, 8, 5, 5) * 0.05
+        prop = torch.rand(16) * 2 - 1  # uniform on [-1, 1]: variance 1/3
+        spot = torch.randint(0, 25, (16,))
+        x[:, 0].view(16, 25)[torch.arange(16), spot] += 2.0
+        x[:, 2].view(16, 25)[torch.arange(16), spot] += prop
+        target = x.clone()
+        target[:, 1] = prop[:, None, None]
+        return x, target
+
+    for _ in range(300):
+        x, target = batch()
+        loss = F.mse_loss(relation(x, text, (80, 80)), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, target = batch()
+    with torch.no_grad():
+        assert F.mse_loss(relation(x, text, (80, 80)), target).item() < 0.25 * (1 / 3) / 8
 
 
 # ------------------------------------------------------------------------------------------------

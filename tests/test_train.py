@@ -418,6 +418,31 @@ def test_fine_tune_can_grow_a_saved_model_with_the_refinement_head(small_config,
     assert load_model(tmp_path / "ft" / "model.safetensors").refine_head is not None
 
 
+def test_fine_tune_can_grow_a_saved_model_with_relation_attention(small_config, data_dir, tmp_path):
+    """The relation layers start as no-ops (the same masks and presence as the saved model), then
+    train: their zero-initialised outputs move."""
+    from lsms_core.checkpoint import load_model, save_model
+    from lsms_core.model import LSMS
+
+    torch.manual_seed(0)
+    base = save_model(LSMS(small_config), tmp_path / "base.safetensors")
+    saved = load_model(base).eval()
+    requested = dataclasses.replace(small_config, relation_attention=True, relation_layers=1)
+    trainer = Trainer(requested, fast_config(max_steps=2), data_dir, tmp_path / "ft", init_from=base)
+    grown = trainer._build_model(trainer._resolve_model_config(), torch.device("cpu")).eval()
+    assert grown.config.relation_attention and len(grown.relation_attention.layers) == 1
+    images = torch.rand(2, 1, 32, 32)
+    with torch.no_grad():
+        expected, got = saved(images, "the lesion"), grown(images, "the lesion")
+    torch.testing.assert_close(got.logits, expected.logits)
+    torch.testing.assert_close(got.presence_logits, expected.presence_logits)
+    assert trainer.fit()["step"] == 2
+    tuned = load_model(tmp_path / "ft" / "last.safetensors")
+    assert tuned.config.relation_attention and tuned.config.relation_layers == 1
+    assert tuned.relation_attention.layers[0].out.weight.abs().sum() > 0
+    assert tuned.relation_attention.layers[0].ffn[2].weight.abs().sum() > 0
+
+
 def test_fine_tune_can_widen_a_saved_model_to_more_adjacent_slices(small_config, data_dir, tmp_path):
     """3 -> 5 slices with the refinement head (whose last conv also reads the input): the widened
     model answers exactly as the saved one whatever the new outer slices hold, then trains."""
@@ -487,7 +512,7 @@ def test_growable_switches_only_turn_on(small_config):
     assert switched_on(with_head, small_config) == ["refine_head"]
     assert switched_on(small_config, with_head) == []  # a saved module is never dropped
     assert switched_on(with_head.to_dict(), with_head) == []
-    assert set(GROWABLE_FIELDS) == {"refine_head", "refine_dim"}
+    assert set(GROWABLE_FIELDS) == {"refine_head", "refine_dim", "relation_attention", "relation_layers"}
 
 
 # ------------------------------------------------------------------------------------------ errors
