@@ -488,10 +488,59 @@ def test_where_it_fails_groups_every_positive_pair_once(tiny_config, tmp_path):
     assert [r["content"] for r in rows] == expected and len(set(expected)) == 2
     assert all(r["words"] == ["(no query)"] for r in rows)
 
-    first, second = script.tables(rows)
+    first, second, third = script.tables(rows)
     assert first[-1][-1] == f"{np.mean([r['iou'] for r in rows]):.3f} ({len(rows)})"
     assert second[0][0] == "(no query)"
+    assert all(r["decided_by"] == "(no query)" for r in rows)
+    assert third[-1] == ["(no query)", *(first[i][-1] for i in range(2))]
     assert script.share_band(0.1) == "tip or edge (< 25 %)" and script.share_band(0.6) == "core (>= 60 %)"
+
+
+def test_where_it_fails_says_what_decides_a_pair_on_its_slice():
+    from lsms_core.data.expressions import LesionAttributes
+
+    script = _load("where_it_fails")
+
+    def lesion(i, attenuation, vertical, rank):
+        return LesionAttributes(
+            id=i,
+            voxels=100,
+            volume_ml=1.0,
+            diameter_mm=20.0,
+            size_class="medium",
+            mean_hu=50.0,
+            relative_hu=0.0,
+            attenuation=attenuation,
+            side="right",
+            vertical=vertical,
+            ap="anterior",
+            segment=8,
+            subcapsular=False,
+            dome=False,
+            rank=rank,
+            count=3,
+            centroid_zyx=(0.0, 0.0, 0.0),
+        )
+
+    attrs = {
+        1: lesion(1, "hypodense", "superior", 1),
+        2: lesion(2, "hyperdense", "inferior", 2),
+        3: lesion(3, "hypodense", "inferior", 3),
+    }
+    both_shown = {1: 40, 2: 90, 3: 0}  # lesions 1 and 2 on the slice, 2 looks larger there
+
+    def decided(filters, selector, targets, areas=both_shown):
+        return script.decided_by({"filters": filters, "selector": selector}, targets, areas, attrs)
+
+    assert decided({"attenuation": "hypodense"}, "largest", [1]) == "the in-plane words"
+    assert decided({"attenuation": "hyperdense"}, "the", [2]) == "the in-plane words"
+    assert decided({"vertical": "superior"}, "the", [1]) == "only the volume"
+    # the largest in the volume is lesion 1, but lesion 2 has more pixels on this slice
+    assert decided({}, "largest", [1]) == "only the volume"
+    assert decided({}, "smallest", [1], {1: 40, 2: 90, 3: 0}) == "in-plane words + areas on the slice"
+    assert decided({}, "largest", [1], {1: 95, 2: 90, 3: 0}) == "in-plane words + areas on the slice"
+    assert decided({}, "all", [1, 2, 3]) == "the in-plane words"  # both shown lesions are meant
+    assert script.decided_by(None, [1], both_shown, attrs) == "(no query)"
 
 
 def test_where_it_fails_prints_its_tables_for_evenly_spaced_pairs(tiny_config, tmp_path, capsys):
@@ -511,3 +560,4 @@ def test_where_it_fails_prints_its_tables_for_evenly_spaced_pairs(tiny_config, t
     positives = int(out.split(": ", 1)[1].split(" positive pairs")[0])
     assert 0 < positives <= 4  # of the 4 pairs scored, the negatives are not grouped
     assert "| the slice shows |" in out and "| words of the query |" in out
+    assert "| on the slice, what decides |" in out
