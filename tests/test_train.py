@@ -418,26 +418,33 @@ def test_fine_tune_can_grow_a_saved_model_with_the_refinement_head(small_config,
     assert load_model(tmp_path / "ft" / "model.safetensors").refine_head is not None
 
 
-def test_fine_tune_can_grow_a_saved_model_with_relation_attention(small_config, data_dir, tmp_path):
-    """The relation layers start as no-ops (the same masks and presence as the saved model), then
-    train: their zero-initialised outputs move."""
+def _grow_and_train(saved_config, requested, data_dir, tmp_path, steps: int = 2):
+    """Fine-tune a saved model of ``saved_config`` into ``requested``: check that the grown model
+    answers exactly as the saved one (masks and presence), train ``steps`` steps; returns
+    ``(grown model before training, the run's last model)``."""
     from lsms_core.checkpoint import load_model, save_model
     from lsms_core.model import LSMS
 
     torch.manual_seed(0)
-    base = save_model(LSMS(small_config), tmp_path / "base.safetensors")
+    base = save_model(LSMS(saved_config), tmp_path / "base.safetensors")
     saved = load_model(base).eval()
-    requested = dataclasses.replace(small_config, relation_attention=True, relation_layers=1)
-    trainer = Trainer(requested, fast_config(max_steps=2), data_dir, tmp_path / "ft", init_from=base)
+    trainer = Trainer(requested, fast_config(max_steps=steps), data_dir, tmp_path / "ft", init_from=base)
     grown = trainer._build_model(trainer._resolve_model_config(), torch.device("cpu")).eval()
-    assert grown.config.relation_attention and len(grown.relation_attention.layers) == 1
     images = torch.rand(2, 1, 32, 32)
     with torch.no_grad():
         expected, got = saved(images, "the lesion"), grown(images, "the lesion")
     torch.testing.assert_close(got.logits, expected.logits)
     torch.testing.assert_close(got.presence_logits, expected.presence_logits)
-    assert trainer.fit()["step"] == 2
-    tuned = load_model(tmp_path / "ft" / "last.safetensors")
+    assert trainer.fit()["step"] == steps
+    return grown, load_model(tmp_path / "ft" / "last.safetensors")
+
+
+def test_fine_tune_can_grow_a_saved_model_with_relation_attention(small_config, data_dir, tmp_path):
+    """The relation layers start as no-ops (the same masks and presence as the saved model), then
+    train: their zero-initialised outputs move."""
+    requested = dataclasses.replace(small_config, relation_attention=True, relation_layers=1)
+    grown, tuned = _grow_and_train(small_config, requested, data_dir, tmp_path)
+    assert grown.config.relation_attention and len(grown.relation_attention.layers) == 1
     assert tuned.config.relation_attention and tuned.config.relation_layers == 1
     assert tuned.relation_attention.layers[0].out.weight.abs().sum() > 0
     assert tuned.relation_attention.layers[0].ffn[2].weight.abs().sum() > 0
@@ -476,25 +483,12 @@ def test_fine_tune_can_widen_a_saved_model_to_more_adjacent_slices(small_config,
 def test_fine_tune_can_deepen_a_saved_model(small_config, data_dir, tmp_path):
     """More SVLA blocks per stage: the new blocks start as identities (same masks and presence as
     the saved model), then train; fewer blocks than the model has are not applied."""
-    from lsms_core.checkpoint import load_model, save_model
-    from lsms_core.model import LSMS
     from lsms_core.train import deepened, merge_fine_tune_config
 
-    torch.manual_seed(0)
     shallow = dataclasses.replace(small_config, depths=(1, 1, 1, 1))
-    base = save_model(LSMS(shallow), tmp_path / "base.safetensors")
-    saved = load_model(base).eval()
     deep = dataclasses.replace(shallow, depths=(1, 2, 1, 3))
-    trainer = Trainer(deep, fast_config(max_steps=2), data_dir, tmp_path / "ft", init_from=base)
-    grown = trainer._build_model(trainer._resolve_model_config(), torch.device("cpu")).eval()
+    grown, tuned = _grow_and_train(shallow, deep, data_dir, tmp_path)
     assert [len(stage) for stage in grown.encoder.stages] == [1, 2, 1, 3]
-    images = torch.rand(2, 1, 32, 32)
-    with torch.no_grad():
-        expected, got = saved(images, "the lesion"), grown(images, "the lesion")
-    torch.testing.assert_close(got.logits, expected.logits)
-    torch.testing.assert_close(got.presence_logits, expected.presence_logits)
-    assert trainer.fit()["step"] == 2
-    tuned = load_model(tmp_path / "ft" / "last.safetensors")
     assert tuned.config.depths == (1, 2, 1, 3)
     # the new blocks left identity: their residual outputs were trained
     assert tuned.encoder.stages[3][2].proj_out.weight.abs().sum() > 0
