@@ -561,3 +561,48 @@ def test_where_it_fails_prints_its_tables_for_evenly_spaced_pairs(tiny_config, t
     assert 0 < positives <= 4  # of the 4 pairs scored, the negatives are not grouped
     assert "| the slice shows |" in out and "| words of the query |" in out
     assert "| on the slice, what decides |" in out
+
+
+def test_word_swap_scores_an_answer_that_follows_the_words_and_one_that_does_not():
+    import numpy as np
+
+    script = _load("word_swap")
+    lesion_a, lesion_b = np.zeros((8, 8), bool), np.zeros((8, 8), bool)
+    lesion_a[1:3, 1:3], lesion_b[5:7, 5:7] = True, True
+    both = lesion_a | lesion_b
+    ignored = script.pair_scores(both, both, lesion_a, lesion_b)  # the same answer to both expressions
+    assert ignored == {"agreement": 1.0, "own": [0.5, 0.5], "other": [1.0, 1.0]}
+    followed = script.pair_scores(lesion_a, lesion_b, lesion_a, lesion_b)
+    assert followed == {"agreement": 0.0, "own": [1.0, 1.0], "other": [0.0, 0.0]}
+    row = script.summary_row("x", [ignored, followed])
+    assert row == ["x", "2", "0.500 / 0.500", "0.500", "0.750"]
+
+
+def test_word_swap_pairs_every_slice_that_shows_both_lesions_and_prints(tiny_config, tmp_path, capsys):
+    import dataclasses
+
+    from _datasets import make_tiny_dataset
+
+    from lsms_core.checkpoint import save_model
+    from lsms_core.data.dataset import ReferringDataset, SliceDataset
+    from lsms_core.model import LSMS
+
+    script = _load("word_swap")
+    data = make_tiny_dataset(tmp_path / "tiny", cases=4)
+    dataset = ReferringDataset(data)
+    slices = SliceDataset(dataset, "train", image_size=32)
+    pairs = script.two_lesion_pairs(slices)
+    expected = 0
+    for case in dataset.split("train"):
+        shown = dataset.case_info(case)["lesions"]
+        expected += len(set(shown["1"]["slices"]) & set(shown["2"]["slices"]))
+    assert len(pairs) == expected > 0
+    for i, j in pairs:
+        (ri, zi, _), (rj, zj, _) = slices.items[i], slices.items[j]
+        a, b = slices.records[ri], slices.records[rj]
+        assert zi == zj and a["case"] == b["case"] and (a["targets"], b["targets"]) == ([1], [2])
+
+    path = save_model(LSMS(dataclasses.replace(tiny_config, image_size=32)), tmp_path / "m.safetensors")
+    assert script.main(["--data", str(data), "--split", "train", "--model", str(path), "--scales", "1"]) == 0
+    out = capsys.readouterr().out
+    assert f": {expected} slices" in out and "| IoU of the two answers (mean / median) |" in out

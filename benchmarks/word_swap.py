@@ -1,0 +1,129 @@
+"""Do the words steer the answer between two lesions of one slice?
+
+    python benchmarks/word_swap.py --data data/bench240 --split val [--model M] [--scales 1]
+
+On every slice that shows two lesions A and B, each the only target of a singular expression of its
+own (the first such expression of the split for each lesion), the model answers A's words and B's
+words. A model that follows the words marks A for the first and B for the second, so its two answers
+barely overlap; a model that ignores them gives the same answer twice. Printed: the IoU of the two
+answers with each other, how often an answer covers most (> 50 %) of the other lesion, and each
+answer's IoU with its own lesion. Answers are made as :func:`lsms_core.evaluate.evaluate_model`
+makes them (:func:`~lsms_core.evaluate.predict_pairs`, mask and presence above 0.5); ``--scales``
+as ``lsms evaluate``, the default inference by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+from _markdown import print_markdown_table
+
+
+def two_lesion_pairs(slices) -> list[tuple[int, int]]:
+    """Index pairs ``(i, j)`` into ``slices`` (a :class:`~lsms_core.data.dataset.SliceDataset`):
+    items of one slice whose expressions are singular and name one lesion each, A for ``i`` and B
+    for ``j`` (A's id below B's), one expression per lesion: its first in the split."""
+    from lsms_core.data.expressions import expression_number
+
+    first: dict[tuple[str, int], int] = {}  # (case, lesion) -> record index of its first expression
+    for index, record in enumerate(slices.records):
+        targets = record.get("targets") or []
+        if len(targets) == 1 and expression_number(record["expression"]) == "singular":
+            first.setdefault((record["case"], int(targets[0])), index)
+    item_of: dict[int, dict[int, int]] = {}  # record index -> slice -> item index (target shown)
+    for i, (record, z, present) in enumerate(slices.items):
+        if present:
+            item_of.setdefault(record, {})[z] = i
+    pairs = []
+    for (case, a), record_a in sorted(first.items()):
+        for (case_b, b), record_b in sorted(first.items()):
+            if case_b == case and b > a:
+                shown_a, shown_b = item_of.get(record_a, {}), item_of.get(record_b, {})
+                pairs += [(shown_a[z], shown_b[z]) for z in sorted(shown_a.keys() & shown_b.keys())]
+    return pairs
+
+
+def pair_scores(answer_a, answer_b, lesion_a, lesion_b) -> dict:
+    """Boolean masks of one slice -> the two answers' IoU with each other, each answer's IoU with
+    its own lesion and the share of the other lesion it covers (``own``/``other``: A's, then B's)."""
+
+    def iou(p, q):
+        union = np.logical_or(p, q).sum()
+        return float(np.logical_and(p, q).sum() / union) if union else 1.0
+
+    def covered(p, lesion):
+        return float(np.logical_and(p, lesion).sum() / max(int(lesion.sum()), 1))
+
+    return {
+        "agreement": iou(answer_a, answer_b),
+        "own": [iou(answer_a, lesion_a), iou(answer_b, lesion_b)],
+        "other": [covered(answer_a, lesion_b), covered(answer_b, lesion_a)],
+    }
+
+
+def summary_row(name: str, scores: list[dict]) -> list[str]:
+    agreement = np.array([s["agreement"] for s in scores])
+    own = np.array([v for s in scores for v in s["own"]])
+    other = np.array([v for s in scores for v in s["other"]])
+    return [
+        name,
+        str(len(scores)),
+        f"{agreement.mean():.3f} / {np.median(agreement):.3f}",
+        f"{(other > 0.5).mean():.3f}",
+        f"{own.mean():.3f}",
+    ]
+
+
+HEADER = [
+    "slices of",
+    "slices",
+    "IoU of the two answers (mean / median)",
+    "answers covering most of the other lesion",
+    "answers' IoU with their own lesion",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lsms_core.cli import add_scales_argument
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--model", default=None, help="model file (default: the shipped model)")
+    add_scales_argument(parser)
+    args = parser.parse_args(argv)
+
+    from torch.utils.data import Subset
+
+    from lsms_core.checkpoint import load_model
+    from lsms_core.evaluate import THRESHOLD, evaluation_pairs, predict_pairs
+    from lsms_core.model import check_scales
+
+    scales = check_scales(tuple(args.scales))
+    model = load_model(args.model)
+    slices = evaluation_pairs(model.config, args.data, args.split)[0].dataset
+    pairs = two_lesion_pairs(slices)
+    if not pairs:
+        parser.error(f"no slice of the {args.split} split shows two lesions with an expression each")
+    start = time.perf_counter()
+    order = [index for pair in pairs for index in pair]
+    answers, lesions = [], []
+    for batch, mask_prob, presence_prob in predict_pairs(model, Subset(slices, order), scales=scales):
+        answer = (mask_prob > THRESHOLD) & (presence_prob > THRESHOLD)[:, None, None, None]
+        answers += list(answer[:, 0].cpu().numpy())
+        lesions += list((batch["mask"][:, 0] > 0.5).numpy())
+    scores = [
+        pair_scores(answers[k], answers[k + 1], lesions[k], lesions[k + 1]) for k in range(0, len(order), 2)
+    ]
+    print(
+        f"{args.split} split of {args.data}, scales {list(scales)}: {len(pairs)} slices "
+        f"({time.perf_counter() - start:.0f} s)\n"
+    )
+    print_markdown_table(HEADER, [summary_row(f"{args.data} {args.split}", scores)])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
