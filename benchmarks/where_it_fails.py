@@ -12,13 +12,14 @@ a lesion the expression does not refer to, so the words must pick one. The last 
 pairs by each filter and selector of the expression's query (a pair counts under each of its
 words; records without a query, such as drawn corrections, count as ``(no query)``).
 
-A third table asks what could decide the pair from the slice alone (:func:`decided_by`): the
-query's in-plane words (:data:`IN_PLANE_FILTERS`: contrast, look, lobe and front/back half, near the
+A third table asks what could decide the pair from the slice alone
+(:func:`lsms_core.data.expressions.decided_on_slice`): the query's in-plane words
+(``IN_PLANE_FILTERS``: contrast, look, lobe and front/back half, near the
 surface) applied to the lesions the slice shows; failing that, a superlative judged by the lesions'
 areas on the slice; otherwise only the volume decides (superior/inferior half, dome, segment, size
 in mm, a superlative the slice's areas get wrong). Lesion attributes are measured again from each
-case (``lesion_attributes``, lesion types from ``dataset.json``) and checked against the records:
-every query must resolve to its targets.
+case (``ReferringDataset.lesion_attributes``) and checked against the records: every query must
+resolve to its targets.
 """
 
 from __future__ import annotations
@@ -32,78 +33,26 @@ from pathlib import Path
 import numpy as np
 from _markdown import print_markdown_table
 
+from lsms_core.data.expressions import SLICE_DECIDERS
+
 SHARE_BANDS = ((0.25, "tip or edge (< 25 %)"), (0.6, "25-60 %"), (float("inf"), "core (>= 60 %)"))
 CONTENT = ("only the target(s)", "another lesion too")
-#: Query filters whose value a slice shows for a lesion on it: its contrast and look, its lobe and
-#: front/back half (in-plane position), whether it touches the liver surface. The others (superior /
-#: inferior half, dome, segment, size class and diameter in mm) and the superlatives (volume rank)
-#: are properties of the whole volume.
-IN_PLANE_FILTERS = ("attenuation", "appearance", "side", "ap", "subcapsular")
-DECIDED_BY = (
-    "the in-plane words",
-    "in-plane words + areas on the slice",
-    "only the volume",
-    "(no query)",
-)
 
 
 def share_band(share: float) -> str:
     return next(name for bound, name in SHARE_BANDS if share < bound)
 
 
-def decided_by(query: dict | None, targets, areas: dict[int, int], attributes: dict) -> str:
-    """What picks the referent among the lesions a slice shows (one of :data:`DECIDED_BY`).
-
-    ``areas``: each lesion's pixels on the slice; ``attributes``: lesion id ->
-    :class:`~lsms_core.data.expressions.LesionAttributes`. The in-plane words decide when the
-    query's :data:`IN_PLANE_FILTERS` alone, applied to the shown lesions, select exactly the shown
-    targets; a "largest"/"smallest" query with one shown target is decided by the slice's areas
-    when, among the shown lesions that fit the in-plane words, the target has the largest
-    (smallest) area there.
-    """
-    if not query:
-        return DECIDED_BY[3]
-    shown = {int(i) for i, area in areas.items() if area > 0}
-    shown_targets = {int(t) for t in targets} & shown
-    fitting = {
-        i
-        for i in shown
-        if all(getattr(attributes[i], k) == v for k, v in query["filters"].items() if k in IN_PLANE_FILTERS)
-    }
-    if fitting == shown_targets:
-        return DECIDED_BY[0]
-    selector = query.get("selector")
-    if selector in ("largest", "smallest") and len(shown_targets) == 1 and shown_targets <= fitting:
-        pick = (max if selector == "largest" else min)(sorted(fitting), key=lambda i: areas[i])
-        if {pick} == shown_targets:
-            return DECIDED_BY[1]
-    return DECIDED_BY[2]
-
-
-def case_attributes(dataset, case_id: str) -> dict:
-    """Lesion id -> ``LesionAttributes`` of a case, measured as the generator measured them."""
-    from lsms_core.data.expressions import lesion_attributes
-
-    case = dataset.load_case(case_id)
-    details = (dataset.meta.get("provenance") or {}).get("case_details", {}).get(case_id, {})
-    kinds = {int(lesion["id"]): lesion["kind"] for lesion in details.get("lesions", []) if "kind" in lesion}
-    attrs = lesion_attributes(
-        case.image.array, case.lesions, case.organ, case.image.scale, appearance=kinds or None
-    )
-    return {a.id: a for a in attrs}
-
-
 def pair_groups(report: dict, data, split: str) -> list[dict]:
     """One row per positive pair of ``report`` (``evaluate_model(..., per_pair=True)``): its IoU,
     whether another lesion shows, the target's cross-section band, the query's words and what
-    decides it on the slice (:func:`decided_by`)."""
+    decides it on the slice (:func:`~lsms_core.data.expressions.decided_on_slice`)."""
     from lsms_core.data.dataset import ReferringDataset, other_lesion_on_slice
-    from lsms_core.data.expressions import resolve
+    from lsms_core.data.expressions import decided_on_slice, resolve
 
     dataset = data if isinstance(data, ReferringDataset) else ReferringDataset(data)
     records = {r["id"]: r for r in dataset.expressions(split)}
     areas: dict[str, dict[int, np.ndarray]] = {}
-    attributes: dict[str, dict] = {}
     rows = []
     for pair in report["pairs"]:
         if not pair["target_area"]:
@@ -117,9 +66,8 @@ def pair_groups(report: dict, data, split: str) -> list[dict]:
         share = max(per_lesion[t][z] / per_lesion[t].max() for t in targets if t in per_lesion)
         others = other_lesion_on_slice(z, targets, dataset.case_info(pair["case"])["lesions"])
         query = record.get("query") or {}
-        if query and pair["case"] not in attributes:
-            attributes[pair["case"]] = case_attributes(dataset, pair["case"])
-        if query and resolve(query, attributes[pair["case"]].values()) != set(targets):
+        attributes = dataset.lesion_attributes(pair["case"]) if query else {}
+        if query and resolve(query, attributes.values()) != set(targets):
             raise ValueError(
                 f"{record['id']}: its query does not resolve to its targets {targets} with the lesion "
                 "attributes measured again; the dataset does not match this version's measurements"
@@ -133,11 +81,8 @@ def pair_groups(report: dict, data, split: str) -> list[dict]:
                 "content": CONTENT[others],
                 "band": share_band(float(share)),
                 "words": words or ["(no query)"],
-                "decided_by": decided_by(
-                    query,
-                    targets,
-                    {i: int(a[z]) for i, a in per_lesion.items()},
-                    attributes.get(pair["case"], {}),
+                "decided_by": decided_on_slice(
+                    query, targets, {i: int(a[z]) for i, a in per_lesion.items()}, attributes
                 ),
             }
         )
@@ -165,7 +110,7 @@ def tables(rows: list[dict]) -> tuple[list[list[str]], list[list[str]], list[lis
     second = [[w, *(cell(by_words[(w, c)]) for c in CONTENT)] for w in words]
     third = [
         [d, *(cell([r["iou"] for r in rows if (r["decided_by"], r["content"]) == (d, c)]) for c in CONTENT)]
-        for d in DECIDED_BY
+        for d in SLICE_DECIDERS
     ]
     return first, second, third
 

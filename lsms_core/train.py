@@ -221,6 +221,9 @@ class TrainConfig:
         augment: training-time augmentation of :class:`~lsms_core.data.dataset.SliceDataset`.
         crowded_repeat: how many times per epoch a training item appears whose slice also shows a
             lesion its expression does not refer to (``SliceDataset``'s ``crowded_repeat``); 1 = once.
+        decidable_only: leave out the training items whose slice shows the target beside another lesion
+            and where only the volume decides which one the words mean (``SliceDataset``'s
+            ``decidable_only``): such items can only teach the model to mark both.
         train_split, val_split: split names in the dataset's ``splits.json``.
     """
 
@@ -246,6 +249,7 @@ class TrainConfig:
     log_every_steps: int = 10
     augment: bool = True
     crowded_repeat: int = 1
+    decidable_only: bool = False
     train_split: str = "train"
     val_split: str = "val"
 
@@ -273,6 +277,8 @@ class TrainConfig:
                 bad(name, "must be None or an integer >= 0 (0 or None turns it off)")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             bad("num_workers", "must be an integer >= 0")
+        if not isinstance(self.decidable_only, bool):
+            bad("decidable_only", "must be true or false")
         if self.cache_cases is not None and (not isinstance(self.cache_cases, int) or self.cache_cases < 0):
             bad("cache_cases", "must be None (every train/val case) or an integer >= 0")
         for name in ("lr", "text_lr"):
@@ -1088,6 +1094,7 @@ class Trainer:
             augment=tc.augment,
             seed=tc.seed,
             crowded_repeat=tc.crowded_repeat,
+            decidable_only=tc.decidable_only,
         )
         if len(train_set) == 0:
             raise ValueError(

@@ -496,53 +496,6 @@ def test_where_it_fails_groups_every_positive_pair_once(tiny_config, tmp_path):
     assert script.share_band(0.1) == "tip or edge (< 25 %)" and script.share_band(0.6) == "core (>= 60 %)"
 
 
-def test_where_it_fails_says_what_decides_a_pair_on_its_slice():
-    from lsms_core.data.expressions import LesionAttributes
-
-    script = _load("where_it_fails")
-
-    def lesion(i, attenuation, vertical, rank):
-        return LesionAttributes(
-            id=i,
-            voxels=100,
-            volume_ml=1.0,
-            diameter_mm=20.0,
-            size_class="medium",
-            mean_hu=50.0,
-            relative_hu=0.0,
-            attenuation=attenuation,
-            side="right",
-            vertical=vertical,
-            ap="anterior",
-            segment=8,
-            subcapsular=False,
-            dome=False,
-            rank=rank,
-            count=3,
-            centroid_zyx=(0.0, 0.0, 0.0),
-        )
-
-    attrs = {
-        1: lesion(1, "hypodense", "superior", 1),
-        2: lesion(2, "hyperdense", "inferior", 2),
-        3: lesion(3, "hypodense", "inferior", 3),
-    }
-    both_shown = {1: 40, 2: 90, 3: 0}  # lesions 1 and 2 on the slice, 2 looks larger there
-
-    def decided(filters, selector, targets, areas=both_shown):
-        return script.decided_by({"filters": filters, "selector": selector}, targets, areas, attrs)
-
-    assert decided({"attenuation": "hypodense"}, "largest", [1]) == "the in-plane words"
-    assert decided({"attenuation": "hyperdense"}, "the", [2]) == "the in-plane words"
-    assert decided({"vertical": "superior"}, "the", [1]) == "only the volume"
-    # the largest in the volume is lesion 1, but lesion 2 has more pixels on this slice
-    assert decided({}, "largest", [1]) == "only the volume"
-    assert decided({}, "smallest", [1], {1: 40, 2: 90, 3: 0}) == "in-plane words + areas on the slice"
-    assert decided({}, "largest", [1], {1: 95, 2: 90, 3: 0}) == "in-plane words + areas on the slice"
-    assert decided({}, "all", [1, 2, 3]) == "the in-plane words"  # both shown lesions are meant
-    assert script.decided_by(None, [1], both_shown, attrs) == "(no query)"
-
-
 def test_where_it_fails_prints_its_tables_for_evenly_spaced_pairs(tiny_config, tmp_path, capsys):
     import dataclasses
 

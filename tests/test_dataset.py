@@ -456,3 +456,60 @@ def test_slice_dataset_repeats_the_items_where_another_lesion_shares_the_slice(t
     assert len(thrice) == len(once) + 2 * len(repeated)
     with pytest.raises(ValueError, match="crowded_repeat"):
         SliceDataset(ds, "all", image_size=32, crowded_repeat=0)
+
+
+def test_slice_dataset_can_leave_out_what_only_the_volume_decides(tmp_path):
+    """On a slice showing both toy lesions, "the largest"/"the smallest lesion" are decided by the
+    lesions' areas there (lesion 1 is the larger on every slice), "the upper lesion" only by the
+    volume: only its items on those slices are left out."""
+    writer = DatasetWriter(tmp_path / "q", name="q", license="CC0-1.0")
+    for i in range(4):
+        case = f"case_{i:02d}"
+        writer.add_case(case, *make_case(i, "RAS" if i % 2 else "LPS"))
+        writer.add_expressions(
+            [
+                {
+                    "case": case,
+                    "expression": "the largest lesion",
+                    "targets": [1],
+                    "query": {"filters": {}, "selector": "largest"},
+                },
+                {
+                    "case": case,
+                    "expression": "the smallest lesion",
+                    "targets": [2],
+                    "query": {"filters": {}, "selector": "smallest"},
+                },
+                {
+                    "case": case,
+                    "expression": "the upper lesion",
+                    "targets": [2],
+                    "query": {"filters": {"vertical": "superior"}, "selector": "the"},
+                },
+                {"case": case, "expression": "both lesions", "targets": [1, 2]},
+            ]
+        )
+    writer.write_splits({"train": writer.cases})
+    every = SliceDataset(tmp_path / "q", "train", image_size=32, seed=0)
+    decidable = SliceDataset(tmp_path / "q", "train", image_size=32, seed=0, decidable_only=True)
+
+    def left_out(item) -> bool:
+        record = every.records[item[0]]
+        return (
+            item[2]
+            and record["expression"] == "the upper lesion"
+            and every.shows_other_lesion(record, item[1])
+        )
+
+    assert any(left_out(item) for item in every.items)
+    assert decidable.items == [item for item in every.items if not left_out(item)]
+    deciders = {
+        (every.records[i]["expression"], every.decided_on_slice(every.records[i], z))
+        for i, z, present in every.items
+        if present and every.shows_other_lesion(every.records[i], z)
+    }
+    assert deciders == {
+        ("the largest lesion", "in-plane words + areas on the slice"),
+        ("the smallest lesion", "in-plane words + areas on the slice"),
+        ("the upper lesion", "only the volume"),
+    }  # "both lesions" means every lesion shown: no other lesion to tell apart

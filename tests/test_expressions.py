@@ -11,6 +11,7 @@ from lsms_core.data.expressions import (
     SMALL_MAX_MM,
     LesionAttributes,
     Query,
+    decided_on_slice,
     expression_number,
     generate_expressions,
     is_felicitous,
@@ -311,3 +312,45 @@ def test_swap_left_right():
     assert swap_left_right("leftover bright lesion") == "leftover bright lesion"
     text = "both nodules in the right hepatic lobe"
     assert swap_left_right(swap_left_right(text)) == text
+
+
+def test_decided_on_slice_names_what_picks_the_referent_among_the_shown_lesions():
+    def lesion(i, attenuation, vertical, rank):
+        return LesionAttributes(
+            id=i,
+            voxels=100,
+            volume_ml=1.0,
+            diameter_mm=20.0,
+            size_class="medium",
+            mean_hu=50.0,
+            relative_hu=0.0,
+            attenuation=attenuation,
+            side="right",
+            vertical=vertical,
+            ap="anterior",
+            segment=8,
+            subcapsular=False,
+            dome=False,
+            rank=rank,
+            count=3,
+        )
+
+    attrs = {
+        1: lesion(1, "hypodense", "superior", 1),
+        2: lesion(2, "hyperdense", "inferior", 2),
+        3: lesion(3, "hypodense", "inferior", 3),
+    }
+    shown = {1: 40, 2: 90, 3: 0}  # lesions 1 and 2 on the slice, 2 the larger there
+
+    def decided(filters, selector, targets, areas=shown):
+        return decided_on_slice({"filters": filters, "selector": selector}, targets, areas, attrs)
+
+    assert decided({"attenuation": "hypodense"}, "largest", [1]) == "the in-plane words"
+    assert decided({"attenuation": "hyperdense"}, "the", [2]) == "the in-plane words"
+    assert decided({"vertical": "superior"}, "the", [1]) == "only the volume"
+    # the largest in the volume is lesion 1, but lesion 2 has more pixels on this slice
+    assert decided({}, "largest", [1]) == "only the volume"
+    assert decided({}, "smallest", [1]) == "in-plane words + areas on the slice"
+    assert decided({}, "largest", [1], {1: 95, 2: 90, 3: 0}) == "in-plane words + areas on the slice"
+    assert decided({}, "all", [1, 2, 3]) == "the in-plane words"  # both shown lesions are meant
+    assert decided_on_slice(None, [1], shown, attrs) == "(no query)"

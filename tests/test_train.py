@@ -107,6 +107,8 @@ def test_train_config_round_trip_and_validation():
         TrainConfig(lr=0)
     with pytest.raises(ValueError, match="crowded_repeat"):
         TrainConfig(crowded_repeat=0)
+    with pytest.raises(ValueError, match="decidable_only"):
+        TrainConfig(decidable_only="yes")
 
 
 def test_crowded_repeat_reaches_the_training_items(small_config, data_dir, tmp_path):
@@ -117,6 +119,12 @@ def test_crowded_repeat_reaches_the_training_items(small_config, data_dir, tmp_p
         _, events = run(small_config, data_dir, tmp_path / f"x{repeat}", train_config=train_config)
         items[repeat] = next(e for e in events if e["event"] == "start")["train_items"]
     assert items[2] > items[1] == 22, items
+
+
+def test_decidable_only_reaches_the_training_set(small_config, data_dir, tmp_path):
+    config = fast_config(max_steps=1, decidable_only=True)
+    trainer = Trainer(small_config, config, data_dir, tmp_path / "d")
+    assert trainer._build_train_set(trainer._resolve_model_config()).decidable_only
 
 
 def test_warmup_cosine_schedule_shape():

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from lsms_core._atomic import atomic_write_json, atomic_write_text
+from lsms_core.data.expressions import SLICE_DECIDERS, decided_on_slice
 from lsms_core.intensity import normalize_hu
 from lsms_core.io import Volume, read_label, read_volume, to_canonical, write_volume
 
@@ -447,6 +448,7 @@ class ReferringDataset:
         self._cache_size = 0
         self.cache_size = cache_size
         self._info: dict[str, dict] = {}
+        self._attributes: dict[str, dict] = {}
 
     def __repr__(self) -> str:
         return (
@@ -527,6 +529,22 @@ class ReferringDataset:
                 case = self.load_case(case_id)
                 self._info[case_id] = _lesion_summary(case.lesions, case.organ)
         return self._info[case_id]
+
+    def lesion_attributes(self, case_id: str) -> dict:
+        """Lesion id -> :class:`~lsms_core.data.expressions.LesionAttributes` of a case, measured
+        as the expression generator measures them (canonical arrays; lesion types from
+        ``dataset.json``'s ``provenance.case_details`` when the generator recorded them). Cached."""
+        if case_id not in self._attributes:
+            from lsms_core.data.expressions import lesion_attributes
+
+            case = self.load_case(case_id)
+            details = ((self.meta.get("provenance") or {}).get("case_details") or {}).get(case_id) or {}
+            kinds = {int(les["id"]): les["kind"] for les in details.get("lesions", []) if "kind" in les}
+            attrs = lesion_attributes(
+                case.image.array, case.lesions, case.organ, case.image.scale, appearance=kinds or None
+            )
+            self._attributes[case_id] = {a.id: a for a in attrs}
+        return self._attributes[case_id]
 
     def target_mask(self, record: dict, case: Case) -> np.ndarray:
         """The uint8 target mask of ``record`` on ``case``'s grid (its lesions, or its ``mask`` file)."""
@@ -722,6 +740,10 @@ class _SliceDataset:
             does not refer to appears (records with ``targets``; see :func:`other_lesion_on_slice`).
             These are the items where the words, not the image, must pick the lesion; 1 = once,
             as every other item.
+        decidable_only: leave out the items whose slice shows their target beside another lesion
+            and where only the volume decides which one the words mean
+            (:func:`~lsms_core.data.expressions.decided_on_slice`: superior/inferior, dome, segment,
+            size in mm, a superlative the slice's areas get wrong). Records without a query are kept.
     """
 
     def __init__(
@@ -737,6 +759,7 @@ class _SliceDataset:
         augment: bool = False,
         seed: int = 0,
         crowded_repeat: int = 1,
+        decidable_only: bool = False,
     ):
         self.dataset = dataset if isinstance(dataset, ReferringDataset) else ReferringDataset(dataset)
         if slice_sampling not in ("lesion", "all"):
@@ -750,6 +773,7 @@ class _SliceDataset:
         self.in_slices, self.image_size, self.hu_window = in_slices, image_size, tuple(hu_window)
         self.negatives_fraction, self.slice_sampling = negatives_fraction, slice_sampling
         self.augment, self.seed, self.crowded_repeat = augment, seed, crowded_repeat
+        self.decidable_only = bool(decidable_only)
         self.records = self.dataset.expressions(split)
         if not self.records:
             raise ValueError(f"{self.dataset.root}: split {split!r} has no expressions; nothing to train on")
@@ -796,6 +820,12 @@ class _SliceDataset:
             candidates = self._candidate_slices(self.records[i])
             chosen = rng.choice(candidates, size=min(per_negative, len(candidates)), replace=False)
             items += [(i, int(z), False) for z in chosen]
+        if self.decidable_only:
+            items = [
+                (i, z, present)
+                for i, z, present in items
+                if not (present and self.decided_on_slice(self.records[i], z) == SLICE_DECIDERS[2])
+            ]
         if self.crowded_repeat > 1:
             repeats = [
                 self.crowded_repeat if self.shows_other_lesion(self.records[i], z) else 1 for i, z, _ in items
@@ -812,6 +842,21 @@ class _SliceDataset:
             return None
         lesions = self.dataset.case_info(record["case"])["lesions"]  # cached by the dataset
         return other_lesion_on_slice(z, record["targets"], lesions)
+
+    def decided_on_slice(self, record: dict, z: int) -> str:
+        """What picks ``record``'s referent among the lesions slice ``z`` shows (one of
+        :data:`~lsms_core.data.expressions.SLICE_DECIDERS`). The case's lesions and attributes are
+        read only when the slice shows a lesion besides the targets."""
+        query = record.get("query")
+        if not query or "targets" not in record:
+            return SLICE_DECIDERS[3]
+        if not self.shows_other_lesion(record, z):
+            return SLICE_DECIDERS[0]  # any lesion shown is a target: nothing to choose
+        lesions = self.dataset.load_case(record["case"]).lesions[z]
+        ids, counts = np.unique(lesions[lesions > 0], return_counts=True)
+        areas = {int(i): int(n) for i, n in zip(ids, counts)}
+        attrs = self.dataset.lesion_attributes(record["case"])
+        return decided_on_slice(query, record["targets"], areas, attrs)
 
     def _candidate_slices(self, record: dict) -> list[int]:
         """Slices negatives are drawn from: the organ's slices (all slices without an organ mask),

@@ -440,6 +440,51 @@ def resolve(query: Query | Mapping[str, Any], attrs: Iterable[LesionAttributes])
     return {a.id for a in matches}
 
 
+#: Query filters whose value a slice shows for a lesion on it: its contrast and look, its lobe and
+#: front/back half (in-plane position), whether it touches the liver surface. The others (superior /
+#: inferior half, dome, segment, size class and diameter in mm) and the superlatives (volume rank)
+#: are properties of the whole volume.
+IN_PLANE_FILTERS = ("attenuation", "appearance", "side", "ap", "subcapsular")
+#: What picks an expression's referent among the lesions one slice shows (:func:`decided_on_slice`).
+SLICE_DECIDERS = (
+    "the in-plane words",
+    "in-plane words + areas on the slice",
+    "only the volume",
+    "(no query)",
+)
+
+
+def decided_on_slice(
+    query: Query | Mapping[str, Any] | None,
+    targets: Iterable[int],
+    areas: Mapping[int, int],
+    attrs: Mapping[int, LesionAttributes],
+) -> str:
+    """What picks the referent among the lesions a slice shows (one of :data:`SLICE_DECIDERS`).
+
+    ``areas``: each lesion's pixels on the slice; ``attrs``: lesion id -> its attributes. The
+    in-plane words decide when the query's :data:`IN_PLANE_FILTERS` alone, applied to the shown
+    lesions, select exactly the shown targets; a "largest"/"smallest" query with one shown target
+    is decided by the slice's areas when, among the shown lesions that fit the in-plane words, the
+    target has the largest (smallest) area there. Otherwise only the volume decides.
+    """
+    if not query:
+        return SLICE_DECIDERS[3]
+    if not isinstance(query, Query):
+        query = Query.from_dict(query)
+    shown = {int(i) for i, area in areas.items() if area > 0}
+    shown_targets = {int(t) for t in targets} & shown
+    in_plane = [(k, v) for k, v in query.filters if k in IN_PLANE_FILTERS]
+    fitting = {i for i in shown if all(getattr(attrs[i], k) == v for k, v in in_plane)}
+    if fitting == shown_targets:
+        return SLICE_DECIDERS[0]
+    if query.selector in ("largest", "smallest") and len(shown_targets) == 1 and shown_targets <= fitting:
+        pick = (max if query.selector == "largest" else min)(sorted(fitting), key=lambda i: areas[i])
+        if {pick} == shown_targets:
+            return SLICE_DECIDERS[1]
+    return SLICE_DECIDERS[2]
+
+
 def is_felicitous(query: Query, attrs: Sequence[LesionAttributes]) -> bool:
     """Whether the phrase fits its referents: singular for one, "both" for two, "count" for ``n``,
     "all" for two or more, and a superlative only among at least two matching lesions."""
