@@ -46,9 +46,9 @@ def share_band(share: float) -> str:
 def pair_groups(report: dict, data, split: str) -> list[dict]:
     """One row per positive pair of ``report`` (``evaluate_model(..., per_pair=True)``): its IoU,
     whether another lesion shows, the target's cross-section band, the query's words and what
-    decides it on the slice (:func:`~lsms_core.data.expressions.decided_on_slice`)."""
+    decides it on the slice (``ReferringDataset.decided_on_slice``)."""
     from lsms_core.data.dataset import ReferringDataset, other_lesion_on_slice
-    from lsms_core.data.expressions import decided_on_slice, resolve
+    from lsms_core.data.expressions import resolve
 
     dataset = data if isinstance(data, ReferringDataset) else ReferringDataset(data)
     records = {r["id"]: r for r in dataset.expressions(split)}
@@ -81,9 +81,7 @@ def pair_groups(report: dict, data, split: str) -> list[dict]:
                 "content": CONTENT[others],
                 "band": share_band(float(share)),
                 "words": words or ["(no query)"],
-                "decided_by": decided_on_slice(
-                    query, targets, {i: int(a[z]) for i, a in per_lesion.items()}, attributes
-                ),
+                "decided_by": dataset.decided_on_slice(record, z),
             }
         )
     return rows

@@ -504,7 +504,7 @@ def test_slice_dataset_can_leave_out_what_only_the_volume_decides(tmp_path):
     assert any(left_out(item) for item in every.items)
     assert decidable.items == [item for item in every.items if not left_out(item)]
     deciders = {
-        (every.records[i]["expression"], every.decided_on_slice(every.records[i], z))
+        (every.records[i]["expression"], every.dataset.decided_on_slice(every.records[i], z))
         for i, z, present in every.items
         if present and every.shows_other_lesion(every.records[i], z)
     }

@@ -546,6 +546,21 @@ class ReferringDataset:
             self._attributes[case_id] = {a.id: a for a in attrs}
         return self._attributes[case_id]
 
+    def decided_on_slice(self, record: dict, z: int) -> str:
+        """What picks ``record``'s referent among the lesions canonical slice ``z`` of its case shows
+        (one of :data:`~lsms_core.data.expressions.SLICE_DECIDERS`;
+        :func:`~lsms_core.data.expressions.decided_on_slice`). The case's lesions and attributes
+        are read only when the slice shows a lesion besides the targets."""
+        query = record.get("query")
+        if not query or "targets" not in record:
+            return SLICE_DECIDERS[3]
+        if not other_lesion_on_slice(z, record["targets"], self.case_info(record["case"])["lesions"]):
+            return SLICE_DECIDERS[0]  # any lesion shown is a target: nothing to choose
+        lesions = self.load_case(record["case"]).lesions[z]
+        ids, counts = np.unique(lesions[lesions > 0], return_counts=True)
+        areas = {int(i): int(n) for i, n in zip(ids, counts)}
+        return decided_on_slice(query, record["targets"], areas, self.lesion_attributes(record["case"]))
+
     def target_mask(self, record: dict, case: Case) -> np.ndarray:
         """The uint8 target mask of ``record`` on ``case``'s grid (its lesions, or its ``mask`` file)."""
         if "mask" in record:  # read_label reorients the mask onto a canonical case's grid
@@ -824,7 +839,7 @@ class _SliceDataset:
             items = [
                 (i, z, present)
                 for i, z, present in items
-                if not (present and self.decided_on_slice(self.records[i], z) == SLICE_DECIDERS[2])
+                if not (present and self.dataset.decided_on_slice(self.records[i], z) == SLICE_DECIDERS[2])
             ]
         if self.crowded_repeat > 1:
             repeats = [
@@ -842,21 +857,6 @@ class _SliceDataset:
             return None
         lesions = self.dataset.case_info(record["case"])["lesions"]  # cached by the dataset
         return other_lesion_on_slice(z, record["targets"], lesions)
-
-    def decided_on_slice(self, record: dict, z: int) -> str:
-        """What picks ``record``'s referent among the lesions slice ``z`` shows (one of
-        :data:`~lsms_core.data.expressions.SLICE_DECIDERS`). The case's lesions and attributes are
-        read only when the slice shows a lesion besides the targets."""
-        query = record.get("query")
-        if not query or "targets" not in record:
-            return SLICE_DECIDERS[3]
-        if not self.shows_other_lesion(record, z):
-            return SLICE_DECIDERS[0]  # any lesion shown is a target: nothing to choose
-        lesions = self.dataset.load_case(record["case"]).lesions[z]
-        ids, counts = np.unique(lesions[lesions > 0], return_counts=True)
-        areas = {int(i): int(n) for i, n in zip(ids, counts)}
-        attrs = self.dataset.lesion_attributes(record["case"])
-        return decided_on_slice(query, record["targets"], areas, attrs)
 
     def _candidate_slices(self, record: dict) -> list[int]:
         """Slices negatives are drawn from: the organ's slices (all slices without an organ mask),
