@@ -307,6 +307,12 @@ class MultiScaleConvAttention(nn.Module):
         return self.mix(attn) * x
 
 
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """``(B, N, C)`` -> ``(B, heads, N, C / heads)`` for ``F.scaled_dot_product_attention``."""
+    b, n, c = t.shape
+    return t.reshape(b, n, heads, c // heads).transpose(1, 2)
+
+
 class PixelWordAttention(nn.Module):
     """Pixel-to-word cross-attention: every pixel queries the words of its expression.
 
@@ -326,12 +332,8 @@ class PixelWordAttention(nn.Module):
     def forward(self, x: torch.Tensor, words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         heads = self.num_heads
-
-        def split(t: torch.Tensor) -> torch.Tensor:  # (B, N, C) -> (B, heads, N, C/heads)
-            return t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2)
-
-        q = split(self.query(x.flatten(2).transpose(1, 2)))
-        k, v = split(self.key(words)), split(self.value(words))
+        q = _split_heads(self.query(x.flatten(2).transpose(1, 2)), heads)
+        k, v = _split_heads(self.key(words), heads), _split_heads(self.value(words), heads)
         attn_mask = word_mask[:, None, None, :]  # True = attend
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = self.out(out.transpose(1, 2).reshape(b, h * w, c))
@@ -432,17 +434,13 @@ class RelationLayer(nn.Module):
         ``(B, L)`` (True = real token) -> ``(B, N, C)``."""
         b, n, c = tokens.shape
         heads = self.num_heads
-
-        def split(t: torch.Tensor) -> torch.Tensor:  # (B, M, C) -> (B, heads, M, C/heads)
-            return t.reshape(b, t.shape[1], heads, c // heads).transpose(1, 2)
-
         h = self.norm1(tokens)
         q, k = self.query_key(h + self.position(positions)).chunk(2, dim=-1)
         word_k, word_v = self.word_key_value(words).chunk(2, dim=-1)
-        keys = split(torch.cat([k, word_k], dim=1))
-        values = split(torch.cat([self.value(h), word_v], dim=1))
+        keys = _split_heads(torch.cat([k, word_k], dim=1), heads)
+        values = _split_heads(torch.cat([self.value(h), word_v], dim=1), heads)
         attend = torch.cat([word_mask.new_ones(b, n), word_mask], dim=1)[:, None, None, :]
-        out = F.scaled_dot_product_attention(split(q), keys, values, attn_mask=attend)
+        out = F.scaled_dot_product_attention(_split_heads(q, heads), keys, values, attn_mask=attend)
         tokens = tokens + self.out(out.transpose(1, 2).reshape(b, n, c))
         return tokens + self.ffn(self.norm2(tokens))
 
