@@ -49,15 +49,15 @@ def pair_scores(answer_a, answer_b, lesion_a, lesion_b) -> dict:
     """Boolean masks of one slice -> the two answers' IoU with each other, each answer's IoU with
     its own lesion and the share of the other lesion it covers (``own``/``other``: A's, then B's)."""
 
-    def iou(p, q):
-        union = np.logical_or(p, q).sum()
-        return float(np.logical_and(p, q).sum() / union) if union else 1.0
+    from lsms_core.metrics import iou, pair_stats
 
     def covered(p, lesion):
-        return float(np.logical_and(p, lesion).sum() / max(int(lesion.sum()), 1))
+        stats = pair_stats(p, lesion)
+        return stats.intersection / max(stats.target_area, 1)
 
+    both = pair_stats(answer_a, answer_b)
     return {
-        "agreement": iou(answer_a, answer_b),
+        "agreement": both.intersection / both.union if both.union else 1.0,  # two empty answers agree
         "own": [iou(answer_a, lesion_a), iou(answer_b, lesion_b)],
         "other": [covered(answer_a, lesion_b), covered(answer_b, lesion_a)],
     }
