@@ -24,6 +24,11 @@ contrastive (symmetric InfoNCE) and lesion presence (BCE).
   ``visual_map`` pooled over the other lesions of its slice (the ``distractor`` map), so the term
   must tell lesions of one slice apart, not only slices apart. Off by default.
 * ``presence``: BCE between ``presence_logits`` and "target has any foreground".
+* ``appearance`` (models with ``appearance_head``, given the items' ``"appearance"`` maps): the
+  maps are area-downsampled to the head's stride-4 grid; every cell at least half covered by typed
+  lesions is a sample of a cross-entropy against the cell's share of each type (soft targets at
+  borders between two lesions), averaged over those cells (0 when no cell is), times
+  ``appearance_weight``. It does not depend on the expression: every lesion on the slice counts.
 """
 
 from __future__ import annotations
@@ -87,11 +92,12 @@ def info_nce_loss(
 class LSMSLoss(nn.Module):
     """The LSMS training objective, weighted by the loss fields of :class:`LSMSConfig`.
 
-    ``forward(output, target, distractor=None)`` takes the model's :class:`LSMSOutput`, the binary
-    target ``(B, 1, H, W)`` (float in {0, 1}, same H, W as ``output.logits``) and optionally the
-    ``distractor`` map of the same shape (the training items' ``"distractor"``), and returns a dict
-    of scalar tensors: ``"loss"`` (to backpropagate), ``"seg"``, ``"contrastive"``, ``"presence"``
-    (unweighted terms, for logging).
+    ``forward(output, target, distractor=None, appearance=None)`` takes the model's
+    :class:`LSMSOutput`, the binary target ``(B, 1, H, W)`` (float in {0, 1}, same H, W as
+    ``output.logits``), optionally the ``distractor`` map of the same shape (the training items'
+    ``"distractor"``) and the ``appearance`` maps ``(B, K, H, W)`` (the items' ``"appearance"``), and
+    returns a dict of scalar tensors: ``"loss"`` (to backpropagate), ``"seg"``, ``"contrastive"``,
+    ``"presence"``, ``"appearance"`` (unweighted terms, for logging).
     """
 
     def __init__(self, config: LSMSConfig):
@@ -150,8 +156,23 @@ class LSMSLoss(nn.Module):
             visual[valid], output.text_embedding[valid], output.logit_scale, duplicates, hard
         )
 
+    def appearance_loss(self, output: LSMSOutput, appearance: torch.Tensor) -> torch.Tensor:
+        logits = output.appearance_logits
+        shares = F.adaptive_avg_pool2d(appearance.to(logits.dtype), logits.shape[-2:])
+        covered = shares.sum(1)  # (B, h, w): the cell's share of typed lesion pixels
+        cells = covered >= 0.5
+        if not bool(cells.any()):
+            return logits.new_zeros(())
+        soft = (shares / covered.clamp_min(1e-6)[:, None]).permute(0, 2, 3, 1)[cells]
+        log_probs = F.log_softmax(logits.permute(0, 2, 3, 1)[cells], dim=1)
+        return -(soft * log_probs).sum(1).mean()
+
     def forward(
-        self, output: LSMSOutput, target: torch.Tensor, distractor: torch.Tensor | None = None
+        self,
+        output: LSMSOutput,
+        target: torch.Tensor,
+        distractor: torch.Tensor | None = None,
+        appearance: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         target = self._check_mask("target", target, output)
         if distractor is not None:
@@ -165,7 +186,26 @@ class LSMSLoss(nn.Module):
         else:
             contrastive = target.new_zeros(())
         loss = seg + cfg.contrastive_weight * contrastive + cfg.presence_weight * presence
-        return {"loss": loss, "seg": seg, "contrastive": contrastive, "presence": presence}
+        parts = {"seg": seg, "contrastive": contrastive, "presence": presence}
+        if output.appearance_logits is not None and appearance is not None:
+            parts["appearance"] = self.appearance_loss(output, self._check_appearance(appearance, output))
+            loss = loss + cfg.appearance_weight * parts["appearance"]
+        return {"loss": loss, **parts}
+
+    def _check_appearance(self, appearance: torch.Tensor, output: LSMSOutput) -> torch.Tensor:
+        classes = len(self.config.appearance_classes)
+        expected = (output.logits.shape[0], classes, *output.logits.shape[-2:])
+        if not isinstance(appearance, torch.Tensor) or tuple(appearance.shape) != expected:
+            got = (
+                tuple(appearance.shape) if isinstance(appearance, torch.Tensor) else type(appearance).__name__
+            )
+            raise ValueError(
+                f"appearance must be a tensor (B, {classes}, H, W) of per-type lesion maps at the image "
+                f"size {expected}, got {got}; build the items with SliceDataset(appearance_classes=...)"
+            )
+        if not torch.isfinite(appearance).all() or appearance.min() < 0 or appearance.max() > 1:
+            raise ValueError("appearance maps must contain values in [0, 1]")
+        return appearance
 
     @staticmethod
     def _check_mask(name: str, mask: torch.Tensor, output: LSMSOutput) -> torch.Tensor:

@@ -106,6 +106,11 @@ class LSMSConfig:
     (stride 16) in which every pixel attends to every pixel of the slice and to the words, so a
     lesion's features can be compared with the other lesions' (our addition; zero-initialised
     outputs, so a saved model grown with it starts where it was).
+    ``appearance_head`` adds a 1x1 head on the stride-4 decoder features before the sentence
+    modulates them, which tells each lesion pixel's type among ``appearance_classes``; it learns from
+    the types the dataset records (``appearance_weight`` times a cross-entropy over lesion pixels),
+    so the features the words select from must tell a cyst from a metastasis (our addition,
+    attribute supervision as in MAttNet, Yu et al. 2018; off by default).
     Loss: ``seg_bce_weight`` + ``seg_dice_weight`` on the final logits, ``deep_supervision_weights``
     for the aux logits at strides 8, 16, 32; ``distractor_weight`` multiplies the BCE of the pixels of
     the slice's other lesions, those the expression does not refer to (1 = as any background pixel);
@@ -138,6 +143,8 @@ class LSMSConfig:
     refine_dim: int = 16
     relation_attention: bool = False
     relation_layers: int = 2
+    appearance_head: bool = False
+    appearance_classes: tuple[str, ...] = ("cyst", "metastasis", "hypervascular")
     # losses
     embed_dim: int = 128
     seg_bce_weight: float = 1.0
@@ -147,6 +154,7 @@ class LSMSConfig:
     contrastive_distractors: bool = False
     contrastive_weight: float = 0.1
     presence_weight: float = 0.1
+    appearance_weight: float = 0.5
     contrastive_temperature_init: float = 0.07
     strip_kernels: tuple[int, ...] = (7, 11, 21)
 
@@ -158,6 +166,7 @@ class LSMSConfig:
             "num_heads",
             "deep_supervision_weights",
             "strip_kernels",
+            "appearance_classes",
         ):
             value = getattr(self, name)
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
@@ -195,7 +204,7 @@ class LSMSConfig:
             fail("mlp_ratio", "must be positive")
         if self.decoder not in DECODERS:
             fail("decoder", f"must be one of {DECODERS}")
-        for name in ("refine_head", "relation_attention", "contrastive_distractors"):
+        for name in ("refine_head", "relation_attention", "contrastive_distractors", "appearance_head"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
         for name in ("decoder_skip_dim", "decoder_dim", "refine_dim", "relation_layers", "embed_dim"):
@@ -209,6 +218,7 @@ class LSMSConfig:
             "distractor_weight",
             "contrastive_weight",
             "presence_weight",
+            "appearance_weight",
         ):
             if not float(getattr(self, name)) >= 0:
                 fail(name, "must be >= 0")
@@ -216,6 +226,16 @@ class LSMSConfig:
             fail("deep_supervision_weights", "weights must be >= 0")
         if not 0 < float(self.contrastive_temperature_init) <= 1:
             fail("contrastive_temperature_init", "must be in (0, 1], e.g. 0.07")
+        classes = self.appearance_classes
+        if (
+            len(classes) < 2
+            or len(set(classes)) != len(classes)
+            or not all(isinstance(c, str) and c for c in classes)
+        ):
+            fail(
+                "appearance_classes",
+                "must be two or more different lesion type names, e.g. ('cyst', 'metastasis')",
+            )
         if any(not isinstance(k, int) or k < 3 or k % 2 == 0 for k in self.strip_kernels):
             fail("strip_kernels", "must be odd integers >= 3, e.g. (7, 11, 21)")
 
@@ -250,6 +270,8 @@ class LSMSOutput:
         logit_scale: scalar ``1 / temperature`` for the contrastive loss (clamped to [1, 100]).
         texts: the expressions when ``forward`` got strings (the loss uses them to find duplicate
             texts in a batch), else None.
+        appearance_logits: ``(B, len(appearance_classes), ceil(H/4), ceil(W/4))`` lesion-type logits
+            of the appearance head (None without one).
     """
 
     logits: torch.Tensor
@@ -260,6 +282,7 @@ class LSMSOutput:
     text_embedding: torch.Tensor
     logit_scale: torch.Tensor
     texts: list[str] | None = None
+    appearance_logits: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -589,21 +612,23 @@ class FullScaleDecoder(nn.Module):
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return x
 
-    def forward(self, features: list[torch.Tensor], sentence: torch.Tensor) -> tuple[list, list]:
-        """Return (decoder features, logits) per level, index 0 = stride 4."""
+    def forward(self, features: list[torch.Tensor], sentence: torch.Tensor) -> tuple[list, list, list]:
+        """Return (decoder features, logits, fused features before the sentence modulates them) per
+        level, index 0 = stride 4."""
         decoded: list[torch.Tensor | None] = [None] * 4
         logits: list[torch.Tensor | None] = [None] * 4
+        fused: list[torch.Tensor | None] = [None] * 4
         for level in reversed(range(4)):
             size = features[level].shape[-2:]
             enc_src, dec_src = self.sources(level)
             parts = [self._resize(features[j], self.enc_proj[level][str(j)], size) for j in enc_src]
             parts += [self._resize(decoded[k], self.dec_proj[level][str(k)], size) for k in dec_src]
-            d = self.fuse[level](torch.cat(parts, dim=1))
+            d = fused[level] = self.fuse[level](torch.cat(parts, dim=1))
             gamma, beta = self.film[level](sentence)[:, :, None, None].chunk(2, dim=1)
             d = d * (1 + gamma) + beta
             decoded[level] = d
             logits[level] = self.heads[level](d)
-        return decoded, logits
+        return decoded, logits, fused
 
 
 class RefinementHead(nn.Module):
@@ -753,6 +778,11 @@ class LSMS(nn.Module):
             if config.relation_attention
             else None
         )
+        self.appearance_head = (
+            nn.Conv2d(config.decoder_dim, len(config.appearance_classes), 1)
+            if config.appearance_head
+            else None
+        )
         self.presence_head = PresenceHead(config.decoder_dim, text_dim)
         self.visual_proj = nn.Conv2d(config.decoder_dim, config.embed_dim, 1)
         self.text_proj = nn.Sequential(
@@ -884,7 +914,7 @@ class LSMS(nn.Module):
             x = F.pad(x, (0, pad_w, 0, pad_h))
 
         stem2, features = self.encoder(x, text, self.relation_attention, (height, width))
-        decoded, level_logits = self.decoder(features, text.sentence)
+        decoded, level_logits, fused = self.decoder(features, text.sentence)
 
         def crop(t: torch.Tensor, stride: int) -> torch.Tensor:
             return t[..., : math.ceil(height / stride), : math.ceil(width / stride)]
@@ -905,6 +935,9 @@ class LSMS(nn.Module):
             text_embedding=self.text_proj(text.sentence),
             logit_scale=self.logit_scale.clamp(0.0, math.log(100.0)).exp(),
             texts=texts,
+            appearance_logits=(
+                None if self.appearance_head is None else crop(self.appearance_head(fused[0]), STRIDES[0])
+            ),
         )
 
     def predict(

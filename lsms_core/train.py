@@ -78,6 +78,7 @@ TRAINING_FIELDS = (
     "contrastive_weight",
     "contrastive_distractors",
     "presence_weight",
+    "appearance_weight",
 )
 
 #: ``LSMSConfig`` switches that add a zero-initialised module of the same name, with the fields that
@@ -86,6 +87,7 @@ TRAINING_FIELDS = (
 GROWABLE_MODULES: dict[str, tuple[str, ...]] = {
     "refine_head": ("refine_dim",),
     "relation_attention": ("relation_layers",),
+    "appearance_head": ("appearance_classes",),
 }
 GROWABLE_FIELDS = tuple(f for switch, sizes in GROWABLE_MODULES.items() for f in (switch, *sizes))
 
@@ -1095,7 +1097,21 @@ class Trainer:
             seed=tc.seed,
             crowded_repeat=tc.crowded_repeat,
             decidable_only=tc.decidable_only,
+            appearance_classes=config.appearance_classes if config.appearance_head else None,
         )
+        if config.appearance_head:
+            recorded = {
+                k
+                for case in self.dataset.split(tc.train_split)
+                for k in self.dataset.lesion_kinds(case).values()
+            }
+            if not recorded & set(config.appearance_classes):
+                raise ValueError(
+                    f"the model has an appearance head for {list(config.appearance_classes)}, but no "
+                    f"lesion of the {tc.train_split!r} split of {self.dataset.root} has one of these "
+                    "types recorded (dataset.json's provenance.case_details, written by `lsms data "
+                    "synth`); train without appearance_head, or on data that records lesion types"
+                )
         if len(train_set) == 0:
             raise ValueError(
                 f"the {tc.train_split!r} split of {self.dataset.root} yields no (expression, slice) "
@@ -1110,9 +1126,11 @@ class Trainer:
 
         images = batch["image"].to(self.device, memory_format=self.memory_format, non_blocking=True)
         masks = batch["mask"].to(self.device, non_blocking=True)
-        distractor = batch.get("distractor")
+        distractor, appearance = batch.get("distractor"), batch.get("appearance")
         if distractor is not None:
             distractor = distractor.to(self.device, non_blocking=True)
+        if appearance is not None:
+            appearance = appearance.to(self.device, non_blocking=True)
         texts = list(batch["text"])
         autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16)
@@ -1121,7 +1139,7 @@ class Trainer:
         )
         with autocast:
             output = model(images, texts)
-            parts = loss_fn(output, masks, distractor)
+            parts = loss_fn(output, masks, distractor, appearance)
         loss = parts["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(

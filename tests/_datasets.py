@@ -32,18 +32,32 @@ def _case_arrays(rng: np.random.Generator, dark_left: bool) -> tuple[np.ndarray,
     return hu, lesions, liver.astype(np.uint8)
 
 
-def make_tiny_dataset(root, cases: int = 4, seed: int = 0, splits: dict | None = None) -> Path:
+def make_tiny_dataset(
+    root, cases: int = 4, seed: int = 0, splits: dict | None = None, lesion_types: bool = False
+) -> Path:
     """Write a tiny dataset of ``cases`` cases to ``root`` and return ``root``.
 
     Every case has three expressions: the dark lesion (kind "attenuation"), the bright lesion
     (kind "attenuation") and one negative ("the cyst in the dome", kind "negative").
     Default splits: all but the last two cases train, then one val case and one test case.
+    ``lesion_types`` records, as ``lsms data synth`` does, the dark lesion as a "cyst" and the
+    bright one as "hypervascular" (``provenance.case_details``).
     """
     from lsms_core.data.dataset import DatasetWriter
     from lsms_core.io import Volume
 
     rng = np.random.default_rng(seed)
-    writer = DatasetWriter(root, name="tiny-test", description="tiny synthetic test data", license="CC0")
+    details = {
+        f"case{i:02d}": {"lesions": [{"id": 1, "kind": "cyst"}, {"id": 2, "kind": "hypervascular"}]}
+        for i in range(cases)
+    }
+    writer = DatasetWriter(
+        root,
+        name="tiny-test",
+        description="tiny synthetic test data",
+        license="CC0",
+        provenance={"case_details": details} if lesion_types else None,
+    )
     records = []
     for i in range(cases):
         case_id = f"case{i:02d}"

@@ -513,3 +513,38 @@ def test_slice_dataset_can_leave_out_what_only_the_volume_decides(tmp_path):
         ("the smallest lesion", "in-plane words + areas on the slice"),
         ("the upper lesion", "only the volume"),
     }  # "both lesions" means every lesion shown: no other lesion to tell apart
+
+
+def test_slice_dataset_maps_each_lesion_type_on_the_slice(tmp_path):
+    """``appearance_classes``: one map per type, marking every lesion of that type on the slice
+    (targets and others alike), moved with the image and its mask when augmented."""
+    from tests._datasets import make_tiny_dataset
+
+    classes = ("cyst", "metastasis", "hypervascular")  # tiny data: lesion 1 (dark) cyst, 2 hypervascular
+    ds = ReferringDataset(make_tiny_dataset(tmp_path / "typed", cases=2, lesion_types=True))
+    plain = SliceDataset(ds, "all", image_size=32, appearance_classes=classes)
+    augmented = SliceDataset(ds, "all", image_size=32, appearance_classes=classes, augment=True, seed=3)
+    assert ds.lesion_kinds("case00") == {1: "cyst", 2: "hypervascular"}
+    typed = 0
+    for i in range(len(plain)):
+        item, moved = plain[i], augmented[i]
+        lesions = ds.load_case(item["case"]).lesions[item["z"]]
+        maps = item["appearance"].numpy()
+        assert maps.shape == (3, 32, 32)
+        np.testing.assert_array_equal(maps[0], prepare_mask(lesions == 1, 32)[0])
+        np.testing.assert_array_equal(maps[2], prepare_mask(lesions == 2, 32)[0])
+        assert maps[1].sum() == 0  # no metastasis in this data
+        image = item["image"][0].numpy()
+        if maps[0].any() and maps[2].any():
+            typed += 1
+            assert image[maps[0] > 0].mean() < image[maps[2] > 0].mean()  # the cyst is the dark one
+        targets = plain.records[plain.items[i][0]]["targets"]
+        if item["present"] and targets == [1]:  # the target's own type map moves with its mask
+            np.testing.assert_array_equal(moved["appearance"][0].numpy(), moved["mask"][0].numpy())
+    assert typed > 0
+    # without recorded types every map is empty; without classes there are no maps
+    untyped = ReferringDataset(make_tiny_dataset(tmp_path / "untyped", cases=2))
+    assert untyped.lesion_kinds("case00") == {}
+    items = SliceDataset(untyped, "all", image_size=32, appearance_classes=classes)
+    assert all(items[i]["appearance"].sum() == 0 for i in range(len(items)))
+    assert "appearance" not in SliceDataset(untyped, "all", image_size=32)[0]

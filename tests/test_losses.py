@@ -230,3 +230,43 @@ def test_bad_targets_raise(tiny_model):
         loss_fn(out, torch.zeros(2, 48, 48))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         loss_fn(out, torch.full((2, 1, 48, 48), 2.0))
+
+
+def _with_appearance_head(tiny_encoder_dir, tiny_model):
+    from lsms_core.model import LSMS
+
+    config = dataclasses.replace(tiny_model.config, appearance_head=True, appearance_weight=2.0)
+    return LSMS(config, tiny_model.text_encoder, tiny_model.tokenizer)
+
+
+def test_appearance_term_scores_the_lesion_cells_types_and_ignores_the_rest(tiny_encoder_dir, tiny_model):
+    model = _with_appearance_head(tiny_encoder_dir, tiny_model)
+    out = _output(model, batch=2)
+    assert out.appearance_logits.shape == (2, 3, 12, 12)  # stride 4 of 48 x 48
+    types = torch.zeros(2, 3, 48, 48)
+    types[0, 0, 8:24, 8:24] = 1  # a cyst (type 0) in the first image, 4 x 4 cells
+    types[1, 2, 24:40, 24:40] = 1  # a hypervascular lesion (type 2) in the second
+    loss_fn = LSMSLoss(model.config)
+
+    def term(logits):
+        return float(loss_fn.appearance_loss(dataclasses.replace(out, appearance_logits=logits), types))
+
+    right, wrong = torch.zeros(2, 3, 12, 12), torch.zeros(2, 3, 12, 12)
+    right[0, 0, 2:6, 2:6] = right[1, 2, 6:10, 6:10] = 10.0
+    wrong[0, 1, 2:6, 2:6] = wrong[1, 0, 6:10, 6:10] = 10.0
+    assert term(right) < 1e-3 < math.log(3) - 1e-3 < term(wrong)
+    assert term(torch.zeros(2, 3, 12, 12)) == pytest.approx(math.log(3), rel=1e-5)
+    # cells outside the typed lesions do not count, whatever the head says there
+    right[:, 1, :2] = 50.0
+    assert term(right) < 1e-3
+    # the weighted term joins the loss; without maps, or on slices without a typed lesion, it is absent / 0
+    losses = loss_fn(out, _targets(2), appearance=types)
+    rest = losses["seg"] + model.config.contrastive_weight * losses["contrastive"]
+    rest = rest + model.config.presence_weight * losses["presence"]
+    torch.testing.assert_close(losses["loss"], rest + 2.0 * losses["appearance"])
+    assert "appearance" not in loss_fn(out, _targets(2))
+    assert float(loss_fn(out, _targets(2), appearance=torch.zeros_like(types))["appearance"]) == 0.0
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        loss_fn(out, _targets(2), appearance=types[:, :2])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        loss_fn(out, _targets(2), appearance=types * 3)

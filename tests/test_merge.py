@@ -147,3 +147,17 @@ def test_lsms_data_merge_command(sources, tmp_path, capsys):
     assert f"dataset: {out} (7 cases" in capsys.readouterr().out
     assert main(argv) == 2  # the folder now holds a dataset: one clear message, no traceback
     assert "already exists" in capsys.readouterr().err
+
+
+def test_merged_datasets_keep_each_sources_lesion_types(tmp_path):
+    """``ReferringDataset.lesion_kinds`` reads the types ``lsms data synth`` records, also through a
+    merge (under the source's case prefix), so the appearance head and the attribute checks see them."""
+    from tests._datasets import make_tiny_dataset
+
+    typed = make_tiny_dataset(tmp_path / "typed", cases=3, lesion_types=True)
+    untyped = make_tiny_dataset(tmp_path / "untyped", cases=3, seed=1)
+    merged = ReferringDataset(merge_datasets(tmp_path / "merged", [untyped, typed], train_only=[typed]))
+    prefix = merged.meta["provenance"]["merged_from"][1]["case_prefix"]
+    assert prefix and merged.lesion_kinds(prefix + "case01") == {1: "cyst", 2: "hypervascular"}
+    assert merged.lesion_kinds("case01") == {}  # the untyped source's own case
+    assert merged.lesion_attributes(prefix + "case01")[1].appearance == "cyst"

@@ -43,6 +43,10 @@ def test_config_round_trips_through_json(tiny_config):
         ("num_heads", (3, 1, 1, 1), "divisible"),
         ("deep_supervision_weights", (1.0,), "3 weights"),
         ("contrastive_temperature_init", 0.0, "(0, 1]"),
+        ("appearance_classes", ("cyst",), "two or more"),
+        ("appearance_classes", ("cyst", "cyst"), "different"),
+        ("appearance_head", 1, "true or false"),
+        ("appearance_weight", -1.0, ">= 0"),
     ],
 )
 def test_config_rejects_bad_values(tiny_encoder_dir, field, value, words):
@@ -347,6 +351,58 @@ def test_refinement_head_starts_as_the_upsampled_coarse_logits_then_learns(tiny_
     opt.step()
     with torch.no_grad():
         assert not torch.allclose(model.eval()(images, texts).logits, plain(images, texts).logits)
+
+
+def _typed_blobs(n_images: int = 4, size: int = 48, seed: int = 0):
+    """Images with a dark blob (type 0, "cyst") and a bright blob (type 2, "hypervascular") at
+    random places on grey; returns images, their (B, 3, H, W) type maps and the union masks."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    images = np.full((n_images, 1, size, size), 0.4, np.float32)
+    types = np.zeros((n_images, 3, size, size), np.float32)
+    for i in range(n_images):
+        dark_left = rng.random() < 0.5
+        for channel, value, (lo, hi) in ((0, 0.1, (8, 18)), (2, 0.8, (30, 40))):
+            cx = rng.integers(lo, hi) if dark_left else size - rng.integers(lo, hi)
+            blob = (xx - cx) ** 2 + (yy - rng.integers(12, size - 12)) ** 2 <= rng.integers(5, 8) ** 2
+            images[i, 0][blob] = value
+            types[i, channel][blob] = 1.0
+    images += 0.02 * rng.standard_normal(images.shape).astype(np.float32)
+    types = torch.from_numpy(types)
+    return torch.from_numpy(images), types, types.amax(1, keepdim=True)
+
+
+def test_appearance_head_leaves_the_answer_alone_and_learns_the_lesion_types(tiny_encoder_dir, tiny_model):
+    torch.manual_seed(0)
+    config = make_tiny_config(tiny_encoder_dir, appearance_head=True)
+    model = LSMS(config, tiny_model.text_encoder, tiny_model.tokenizer)
+    plain = LSMS(
+        dataclasses.replace(config, appearance_head=False), tiny_model.text_encoder, tiny_model.tokenizer
+    )
+    plain.load_state_dict(model.state_dict(), strict=False)
+    images, types, masks = _typed_blobs()
+    with torch.no_grad():
+        out, expected = model.eval()(images, "the lesion"), plain.eval()(images, "the lesion")
+    torch.testing.assert_close(out.logits, expected.logits)
+    torch.testing.assert_close(out.presence_logits, expected.presence_logits)
+    assert expected.appearance_logits is None and out.appearance_logits.shape == (4, 3, 12, 12)
+
+    def accuracy() -> float:
+        """Share of the cells inside a blob whose most likely type is the blob's."""
+        with torch.no_grad():
+            logits = model.eval()(images, "the lesion").appearance_logits
+        shares = F.adaptive_avg_pool2d(types, logits.shape[-2:])
+        cells = shares.sum(1) >= 0.5
+        return float((logits.argmax(1)[cells] == shares.argmax(1)[cells]).float().mean())
+
+    loss_fn = LSMSLoss(config)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(60):
+        loss = loss_fn(model.train()(images, "the lesion"), masks, appearance=types)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert accuracy() >= 0.95
 
 
 def _relation(dim=8, text_dim=6, layers=1, zero_init=True):

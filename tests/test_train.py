@@ -458,6 +458,26 @@ def test_fine_tune_can_grow_a_saved_model_with_relation_attention(small_config, 
     assert tuned.relation_attention.layers[0].ffn[2].weight.abs().sum() > 0
 
 
+def test_fine_tune_can_grow_a_saved_model_with_an_appearance_head(small_config, tmp_path):
+    """The appearance head changes no answer of the saved model; it trains on the lesion types the
+    data records (its loss is logged), and data that records none is refused before any work."""
+    typed = make_tiny_dataset(tmp_path / "typed", cases=4, lesion_types=True)
+    requested = dataclasses.replace(small_config, appearance_head=True, appearance_weight=1.0)
+    grown, tuned = _grow_and_train(small_config, requested, typed, tmp_path, steps=6)
+    assert grown.appearance_head is not None and tuned.config.appearance_head
+    terms = [
+        json.loads(line)["loss_parts"]["appearance"]
+        for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()
+        if '"event": "step"' in line
+    ]
+    assert len(terms) == 6 and all(t > 0 for t in terms)
+    assert min(terms[-2:]) < terms[0]  # it learns the types
+    untyped = make_tiny_dataset(tmp_path / "untyped", cases=4)
+    with pytest.raises(ValueError, match="records lesion types"):
+        Trainer(requested, fast_config(max_steps=1), untyped, tmp_path / "refused").fit()
+    assert not (tmp_path / "refused" / "last.safetensors").exists()
+
+
 def test_fine_tune_can_widen_a_saved_model_to_more_adjacent_slices(small_config, data_dir, tmp_path):
     """3 -> 5 slices with the refinement head (whose last conv also reads the input): the widened
     model answers exactly as the saved one whatever the new outer slices hold, then trains."""

@@ -25,7 +25,7 @@ import re
 import shutil
 import tempfile
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -449,6 +449,7 @@ class ReferringDataset:
         self.cache_size = cache_size
         self._info: dict[str, dict] = {}
         self._attributes: dict[str, dict] = {}
+        self._kinds: dict[str, dict[int, str]] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -530,16 +531,39 @@ class ReferringDataset:
                 self._info[case_id] = _lesion_summary(case.lesions, case.organ)
         return self._info[case_id]
 
+    def lesion_kinds(self, case_id: str) -> dict[int, str]:
+        """Lesion id -> lesion type ("cyst", "metastasis", ...) of a case, as the generator recorded
+        it in ``dataset.json``'s ``provenance.case_details``; for a merged dataset, in the source's
+        entry of ``provenance.merged_from`` (case ids carry the source's ``case_prefix``). Empty
+        when nothing recorded the types (imported or drawn data)."""
+        if self._kinds is None:
+            self._kinds = {}
+
+            def collect(meta: dict, prefix: str) -> None:
+                provenance = meta.get("provenance") or {}
+                for case, details in (provenance.get("case_details") or {}).items():
+                    kinds = {
+                        int(les["id"]): str(les["kind"])
+                        for les in (details or {}).get("lesions", [])
+                        if "kind" in les
+                    }
+                    if kinds:
+                        self._kinds[prefix + case] = kinds
+                for source in provenance.get("merged_from") or []:
+                    collect(source.get("dataset") or {}, prefix + str(source.get("case_prefix") or ""))
+
+            collect(self.meta, "")
+        return self._kinds.get(case_id, {})
+
     def lesion_attributes(self, case_id: str) -> dict:
         """Lesion id -> :class:`~lsms_core.data.expressions.LesionAttributes` of a case, measured
         as the expression generator measures them (canonical arrays; lesion types from
-        ``dataset.json``'s ``provenance.case_details`` when the generator recorded them). Cached."""
+        :meth:`lesion_kinds` when the generator recorded them). Cached."""
         if case_id not in self._attributes:
             from lsms_core.data.expressions import lesion_attributes
 
             case = self.load_case(case_id)
-            details = ((self.meta.get("provenance") or {}).get("case_details") or {}).get(case_id) or {}
-            kinds = {int(les["id"]): les["kind"] for les in details.get("lesions", []) if "kind" in les}
+            kinds = self.lesion_kinds(case_id)
             attrs = lesion_attributes(
                 case.image.array, case.lesions, case.organ, case.image.scale, appearance=kinds or None
             )
@@ -759,6 +783,11 @@ class _SliceDataset:
             and where only the volume decides which one the words mean
             (:func:`~lsms_core.data.expressions.decided_on_slice`: superior/inferior, dome, segment,
             size in mm, a superlative the slice's areas get wrong). Records without a query are kept.
+        appearance_classes: lesion types (e.g. ``("cyst", "metastasis", "hypervascular")``); when
+            given, each item also holds ``"appearance"``: ``(len(appearance_classes), S, S)`` maps,
+            channel ``k`` marking the pixels of every lesion on the slice of type ``k``
+            (:meth:`ReferringDataset.lesion_kinds`; lesions of unrecorded or other types are in no
+            channel). The model's appearance head learns from them (``LSMSConfig.appearance_head``).
     """
 
     def __init__(
@@ -775,6 +804,7 @@ class _SliceDataset:
         seed: int = 0,
         crowded_repeat: int = 1,
         decidable_only: bool = False,
+        appearance_classes: Sequence[str] | None = None,
     ):
         self.dataset = dataset if isinstance(dataset, ReferringDataset) else ReferringDataset(dataset)
         if slice_sampling not in ("lesion", "all"):
@@ -789,6 +819,7 @@ class _SliceDataset:
         self.negatives_fraction, self.slice_sampling = negatives_fraction, slice_sampling
         self.augment, self.seed, self.crowded_repeat = augment, seed, crowded_repeat
         self.decidable_only = bool(decidable_only)
+        self.appearance_classes = None if appearance_classes is None else tuple(appearance_classes)
         self.records = self.dataset.expressions(split)
         if not self.records:
             raise ValueError(f"{self.dataset.root}: split {split!r} has no expressions; nothing to train on")
@@ -897,9 +928,18 @@ class _SliceDataset:
             distractor = np.zeros_like(mask)
         else:
             distractor = prepare_mask((lesions > 0) & ~in_targets, self.image_size) * (1.0 - mask)
+        maps = [mask, distractor]
+        if self.appearance_classes is not None:
+            kinds = self.dataset.lesion_kinds(record["case"])
+            maps += [
+                prepare_mask(np.isin(lesions, [i for i, k in kinds.items() if k == name]), self.image_size)
+                for name in self.appearance_classes
+            ]
         if self.augment:
-            image, mask, distractor = self._augment(image, mask, distractor)
-        return {
+            maps = list(self._augment(image, *maps))
+            image = maps.pop(0)
+        mask, distractor = maps[0], maps[1]
+        item = {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "mask": torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32)),
             "distractor": torch.from_numpy(np.ascontiguousarray(distractor, dtype=np.float32)),
@@ -910,6 +950,11 @@ class _SliceDataset:
             "kind": str(record.get("kind", "")),
             "id": str(record["id"]),
         }
+        if self.appearance_classes is not None:
+            item["appearance"] = torch.from_numpy(
+                np.ascontiguousarray(np.concatenate(maps[2:]), dtype=np.float32)
+            )
+        return item
 
     def _augment(self, image: np.ndarray, *masks: np.ndarray) -> tuple[np.ndarray, ...]:
         """Same small scale/translation for the image and its masks, intensity jitter for the image.
