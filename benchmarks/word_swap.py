@@ -7,7 +7,8 @@ own (the first such expression of the split for each lesion), the model answers 
 words. A model that follows the words marks A for the first and B for the second, so its two answers
 barely overlap; a model that ignores them gives the same answer twice. Printed: the IoU of the two
 answers with each other, how often an answer covers most (> 50 %) of the other lesion, and each
-answer's IoU with its own lesion. Answers are made as :func:`lsms_core.evaluate.evaluate_model`
+answer's IoU with its own lesion; then the same by the two lesions' types when the data records
+them (``ReferringDataset.lesion_kinds``: "cyst / metastasis", "same type", ...). Answers are made as :func:`lsms_core.evaluate.evaluate_model`
 makes them (:func:`~lsms_core.evaluate.predict_pairs`, mask and presence above 0.5); ``--scales``
 as ``lsms evaluate``, the default inference by default.
 """
@@ -61,6 +62,18 @@ def pair_scores(answer_a, answer_b, lesion_a, lesion_b) -> dict:
         "own": [iou(answer_a, lesion_a), iou(answer_b, lesion_b)],
         "other": [covered(answer_a, lesion_b), covered(answer_b, lesion_a)],
     }
+
+
+def type_pair(slices, i: int, j: int) -> str:
+    """The types of the two lesions of pair ``(i, j)`` (items of ``slices``): ``"same type"``,
+    ``"a / b"`` in alphabetical order, or ``"types not recorded"``."""
+    (ri, _, _), (rj, _, _) = slices.items[i], slices.items[j]
+    a, b = slices.records[ri], slices.records[rj]
+    kinds = slices.dataset.lesion_kinds(a["case"])
+    types = [kinds.get(int(a["targets"][0])), kinds.get(int(b["targets"][0]))]
+    if None in types:
+        return "types not recorded"
+    return "same type" if types[0] == types[1] else " / ".join(sorted(types))
 
 
 def summary_row(name: str, scores: list[dict]) -> list[str]:
@@ -122,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
         f"({time.perf_counter() - start:.0f} s)\n"
     )
     print_markdown_table(HEADER, [summary_row(f"{args.data} {args.split}", scores)])
+    by_type: dict[str, list[dict]] = {}
+    for (i, j), score in zip(pairs, scores):
+        by_type.setdefault(type_pair(slices, i, j), []).append(score)
+    print()
+    print_markdown_table(
+        ["the two lesions", *HEADER[1:]], [summary_row(k, v) for k, v in sorted(by_type.items())]
+    )
     return 0
 
 

@@ -541,10 +541,11 @@ def test_word_swap_pairs_every_slice_that_shows_both_lesions_and_prints(tiny_con
     from lsms_core.model import LSMS
 
     script = _load("word_swap")
-    data = make_tiny_dataset(tmp_path / "tiny", cases=4)
+    data = make_tiny_dataset(tmp_path / "tiny", cases=4, lesion_types=True)
     dataset = ReferringDataset(data)
     slices = SliceDataset(dataset, "train", image_size=32)
     pairs = script.two_lesion_pairs(slices)
+    assert {script.type_pair(slices, i, j) for i, j in pairs} == {"cyst / hypervascular"}
     expected = 0
     for case in dataset.split("train"):
         shown = dataset.case_info(case)["lesions"]
@@ -559,3 +560,4 @@ def test_word_swap_pairs_every_slice_that_shows_both_lesions_and_prints(tiny_con
     assert script.main(["--data", str(data), "--split", "train", "--model", str(path), "--scales", "1"]) == 0
     out = capsys.readouterr().out
     assert f": {expected} slices" in out and "| IoU of the two answers (mean / median) |" in out
+    assert f"| cyst / hypervascular | {expected} |" in out
