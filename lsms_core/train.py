@@ -81,7 +81,8 @@ TRAINING_FIELDS = (
     "appearance_weight",
 )
 
-#: ``LSMSConfig`` switches that add a zero-initialised module of the same name, with the fields that
+#: ``LSMSConfig`` switches that add a module of the same name that changes no mask or presence at
+#: first (zero-initialised outputs, or a head that writes only its own output), with the fields that
 #: size it: with ``init_from`` a switch may be turned on (not off), so a saved model is grown by the
 #: module and starts exactly where it was.
 GROWABLE_MODULES: dict[str, tuple[str, ...]] = {
