@@ -64,6 +64,18 @@ def pair_scores(answer_a, answer_b, lesion_a, lesion_b) -> dict:
     }
 
 
+def score_pairs(pairs: list, answers: list, lesions: list) -> tuple[list, list[dict]]:
+    """:func:`pair_scores` of each pair, from the answers and lesion masks in pair order (A, B, A,
+    B, ...). A pair is left out when either lesion is empty at the model's input: a lesion tip of a
+    pixel or two can vanish when the slice is resized, and then the slice no longer shows both
+    lesions to the model. Returns the kept pairs and their scores."""
+    kept = [k for k in range(len(pairs)) if lesions[2 * k].any() and lesions[2 * k + 1].any()]
+    scores = [
+        pair_scores(answers[2 * k], answers[2 * k + 1], lesions[2 * k], lesions[2 * k + 1]) for k in kept
+    ]
+    return [pairs[k] for k in kept], scores
+
+
 def type_pair(slices, i: int, j: int) -> str:
     """The types of the two lesions of pair ``(i, j)`` (items of ``slices``): ``"same type"``,
     ``"a / b"`` in alphabetical order, or ``"types not recorded"``."""
@@ -127,12 +139,13 @@ def main(argv: list[str] | None = None) -> int:
         answer = (mask_prob > THRESHOLD) & (presence_prob > THRESHOLD)[:, None, None, None]
         answers += list(answer[:, 0].cpu().numpy())
         lesions += list((batch["mask"][:, 0] > 0.5).numpy())
-    scores = [
-        pair_scores(answers[k], answers[k + 1], lesions[k], lesions[k + 1]) for k in range(0, len(order), 2)
-    ]
+    pairs, scores = score_pairs(pairs, answers, lesions)
+    dropped = len(order) // 2 - len(pairs)
     print(
         f"{args.split} split of {args.data}, scales {list(scales)}: {len(pairs)} slices "
-        f"({time.perf_counter() - start:.0f} s)\n"
+        f"({time.perf_counter() - start:.0f} s)"
+        + (f"; {dropped} left out, where a lesion vanishes at the model's input size" if dropped else "")
+        + "\n"
     )
     print_markdown_table(HEADER, [summary_row(f"{args.data} {args.split}", scores)])
     by_type: dict[str, list[dict]] = {}

@@ -529,6 +529,12 @@ def test_word_swap_scores_an_answer_that_follows_the_words_and_one_that_does_not
     assert followed == {"agreement": 0.0, "own": [1.0, 1.0], "other": [0.0, 0.0]}
     row = script.summary_row("x", [ignored, followed])
     assert row == ["x", "2", "0.500 / 0.500", "0.500", "0.750"]
+    # a slice where one lesion vanished at the model's input is left out, not scored
+    gone = np.zeros((8, 8), bool)
+    kept, scores = script.score_pairs(
+        ["p", "q"], [both, both, lesion_a, lesion_b], [lesion_a, lesion_b, lesion_a, gone]
+    )
+    assert kept == ["p"] and scores == [ignored]
 
 
 def test_word_swap_pairs_every_slice_that_shows_both_lesions_and_prints(tiny_config, tmp_path, capsys):
