@@ -106,6 +106,11 @@ class LSMSConfig:
     (stride 16) in which every pixel attends to every pixel of the slice and to the words, so a
     lesion's features can be compared with the other lesions' (our addition; zero-initialised
     outputs, so a saved model grown with it starts where it was).
+    ``attention_pooling`` replaces the sentence feature (the mean of the words, which FiLM, the
+    presence head and the contrastive text embedding read) by ``attention_pooling_heads`` learned
+    softmaxes over the words, one per group of channels, so one deciding word ("left", "largest")
+    can outweigh the words every expression shares (our addition; zero-initialised scores, so it
+    starts as the mean and a saved model grown with it starts where it was).
     ``appearance_head`` adds a 1x1 head on the stride-4 decoder features before the sentence
     modulates them, which tells each lesion pixel's type among ``appearance_classes``; it learns from
     the types the dataset records (``appearance_weight`` times a cross-entropy over lesion pixels),
@@ -143,6 +148,8 @@ class LSMSConfig:
     refine_dim: int = 16
     relation_attention: bool = False
     relation_layers: int = 2
+    attention_pooling: bool = False
+    attention_pooling_heads: int = 4
     appearance_head: bool = False
     appearance_classes: tuple[str, ...] = ("cyst", "metastasis", "hypervascular")
     # losses
@@ -204,10 +211,23 @@ class LSMSConfig:
             fail("mlp_ratio", "must be positive")
         if self.decoder not in DECODERS:
             fail("decoder", f"must be one of {DECODERS}")
-        for name in ("refine_head", "relation_attention", "contrastive_distractors", "appearance_head"):
+        for name in (
+            "refine_head",
+            "relation_attention",
+            "contrastive_distractors",
+            "appearance_head",
+            "attention_pooling",
+        ):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "must be true or false")
-        for name in ("decoder_skip_dim", "decoder_dim", "refine_dim", "relation_layers", "embed_dim"):
+        for name in (
+            "decoder_skip_dim",
+            "decoder_dim",
+            "refine_dim",
+            "relation_layers",
+            "embed_dim",
+            "attention_pooling_heads",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 fail(name, "must be a positive integer")
         if len(self.deep_supervision_weights) != 3:
@@ -361,6 +381,34 @@ class PixelWordAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         out = self.out(out.transpose(1, 2).reshape(b, h * w, c))
         return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class AttentionPooling(nn.Module):
+    """Sentence feature from the words by learned attention (our addition; the paper is silent).
+
+    The ``C`` channels are split into ``heads`` groups; each group is a softmax-weighted sum of the
+    real tokens' features (padding excluded), with scores from one linear layer over each token.
+    The scores start at zero, so every group starts as the plain mean over the real tokens, which
+    is :class:`TextFeatures`' ``sentence``.
+    """
+
+    def __init__(self, text_dim: int, heads: int):
+        super().__init__()
+        if text_dim % heads:
+            raise ValueError(
+                f"attention_pooling_heads={heads} must divide the text encoder's width {text_dim}"
+            )
+        self.heads = heads
+        self.score = nn.Linear(text_dim, heads)
+        nn.init.zeros_(self.score.weight)
+        nn.init.zeros_(self.score.bias)
+
+    def forward(self, words: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, length, c = words.shape
+        scores = self.score(words).masked_fill(~mask[..., None], float("-inf"))
+        weights = scores.softmax(dim=1)  # (B, L, heads)
+        grouped = words.reshape(b, length, self.heads, c // self.heads)
+        return (weights[..., None] * grouped).sum(1).reshape(b, c)
 
 
 class ConvFFN(nn.Module):
@@ -778,6 +826,9 @@ class LSMS(nn.Module):
             if config.relation_attention
             else None
         )
+        self.attention_pooling = (
+            AttentionPooling(text_dim, config.attention_pooling_heads) if config.attention_pooling else None
+        )
         self.appearance_head = (
             nn.Conv2d(config.decoder_dim, len(config.appearance_classes), 1)
             if config.appearance_head
@@ -905,6 +956,8 @@ class LSMS(nn.Module):
         if len(text) != batch:
             raise ValueError(f"got {batch} images but text features for {len(text)} texts")
         text = text.to(images.device)
+        if self.attention_pooling is not None:
+            text = TextFeatures(text.words, text.mask, self.attention_pooling(text.words, text.mask))
 
         x = images
         if self.config.coord_channels:

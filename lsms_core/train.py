@@ -89,6 +89,7 @@ GROWABLE_MODULES: dict[str, tuple[str, ...]] = {
     "refine_head": ("refine_dim",),
     "relation_attention": ("relation_layers",),
     "appearance_head": ("appearance_classes",),
+    "attention_pooling": ("attention_pooling_heads",),
 }
 GROWABLE_FIELDS = tuple(f for switch, sizes in GROWABLE_MODULES.items() for f in (switch, *sizes))
 

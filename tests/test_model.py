@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lsms_core.losses import LSMSLoss
 from lsms_core.model import LSMS, ConvNormAct, LSMSConfig, LSMSOutput, TextFeatures, preferred_memory_format
@@ -403,6 +404,46 @@ def test_appearance_head_leaves_the_answer_alone_and_learns_the_lesion_types(tin
         loss.backward()
         optimizer.step()
     assert accuracy() >= 0.95
+
+
+def test_attention_pooling_starts_as_the_mean_ignores_padding_and_learns_the_deciding_word():
+    from lsms_core.model import AttentionPooling
+
+    torch.manual_seed(0)
+    pool = AttentionPooling(text_dim=8, heads=2)
+    text = _words([5, 3, 4], text_dim=8)
+    text = TextFeatures(
+        text.words, text.mask, (text.words * text.mask[..., None]).sum(1) / text.mask.sum(1, keepdim=True)
+    )
+    torch.testing.assert_close(pool(text.words, text.mask), text.sentence)
+    padded = text.words.clone()
+    padded[~text.mask] = 1e3  # what padding positions hold never matters
+    torch.testing.assert_close(pool(padded, text.mask), pool(text.words, text.mask))
+    with pytest.raises(ValueError, match="divide"):
+        AttentionPooling(text_dim=8, heads=3)
+    # Sentences of 6 shared "filler" words and one deciding word at a random place: the class is the
+    # sign of the deciding word's first channel, which the mean dilutes among the fillers' noise.
+    n, length = 256, 7
+    words = torch.randn(n, length, 8) * 0.5
+    words[:, :, 7] = 0.0
+    labels = torch.randint(0, 2, (n,))
+    where = torch.randint(0, length, (n,))
+    rows = torch.arange(n)
+    words[rows, where, 0] = labels * 2.0 - 1.0
+    words[rows, where, 7] = 3.0  # the deciding word is recognisable (cf. "left" among shared words)
+    mask = torch.ones(n, length, dtype=torch.bool)
+    head = nn.Linear(8, 1)
+    optimizer = torch.optim.Adam([*pool.parameters(), *head.parameters()], lr=0.05)
+    for _ in range(200):
+        loss = F.binary_cross_entropy_with_logits(head(pool(words, mask)).squeeze(1), labels.float())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        weights = pool.score(words).softmax(dim=1)  # (n, L, heads)
+        accuracy = ((head(pool(words, mask)).squeeze(1) > 0).long() == labels).float().mean()
+    assert accuracy == 1.0
+    assert float(weights[rows, where].max(1).values.mean()) > 0.9  # one head looks at the deciding word
 
 
 def _relation(dim=8, text_dim=6, layers=1, zero_init=True):

@@ -458,6 +458,15 @@ def test_fine_tune_can_grow_a_saved_model_with_relation_attention(small_config, 
     assert tuned.relation_attention.layers[0].ffn[2].weight.abs().sum() > 0
 
 
+def test_fine_tune_can_grow_a_saved_model_with_attention_pooling(small_config, data_dir, tmp_path):
+    """The pooling starts as the mean of the words (the same masks and presence as the saved
+    model, up to float rounding), then trains: its zero-initialised scores move."""
+    requested = dataclasses.replace(small_config, attention_pooling=True, attention_pooling_heads=2)
+    grown, tuned = _grow_and_train(small_config, requested, data_dir, tmp_path)
+    assert grown.attention_pooling.heads == 2 and tuned.config.attention_pooling_heads == 2
+    assert tuned.attention_pooling.score.weight.abs().sum() > 0
+
+
 def test_fine_tune_can_grow_a_saved_model_with_an_appearance_head(small_config, tmp_path):
     """The appearance head changes no answer of the saved model; it trains on the lesion types the
     data records (its loss is logged), and data that records none is refused before any work."""
@@ -534,7 +543,16 @@ def test_growable_switches_only_turn_on(small_config):
     assert switched_on(with_head, small_config) == ["refine_head"]
     assert switched_on(small_config, with_head) == []  # a saved module is never dropped
     assert switched_on(with_head.to_dict(), with_head) == []
-    assert set(GROWABLE_FIELDS) == {"refine_head", "refine_dim", "relation_attention", "relation_layers"}
+    assert set(GROWABLE_FIELDS) == {
+        "refine_head",
+        "refine_dim",
+        "relation_attention",
+        "relation_layers",
+        "appearance_head",
+        "appearance_classes",
+        "attention_pooling",
+        "attention_pooling_heads",
+    }
 
 
 # ------------------------------------------------------------------------------------------ errors
