@@ -332,14 +332,21 @@ def test_ablation_switches_build_and_run(tiny_encoder_dir, tiny_model, switches)
     assert out.logits.shape == (1, 1, 40, 50) and torch.isfinite(out.logits).all()
 
 
-def test_refinement_head_starts_as_the_upsampled_coarse_logits_then_learns(tiny_encoder_dir, tiny_model):
+def _with_and_without(tiny_encoder_dir, tiny_model, switch: str) -> tuple[LSMS, LSMS]:
+    """A tiny model with the module ``switch`` turns on, and the same model without it (the same
+    weights everywhere else)."""
     torch.manual_seed(0)
-    config = make_tiny_config(tiny_encoder_dir, refine_head=True)
+    config = make_tiny_config(tiny_encoder_dir, **{switch: True})
     model = LSMS(config, tiny_model.text_encoder, tiny_model.tokenizer)
     plain = LSMS(
-        dataclasses.replace(config, refine_head=False), tiny_model.text_encoder, tiny_model.tokenizer
+        dataclasses.replace(config, **{switch: False}), tiny_model.text_encoder, tiny_model.tokenizer
     )
     plain.load_state_dict(model.state_dict(), strict=False)
+    return model, plain
+
+
+def test_refinement_head_starts_as_the_upsampled_coarse_logits_then_learns(tiny_encoder_dir, tiny_model):
+    model, plain = _with_and_without(tiny_encoder_dir, tiny_model, "refine_head")
     images, texts = torch.rand(2, 1, 40, 50), ["the lesion", "the largest lesion"]
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(images, texts).logits, plain.eval()(images, texts).logits)
@@ -374,13 +381,8 @@ def _typed_blobs(n_images: int = 4, size: int = 48, seed: int = 0):
 
 
 def test_appearance_head_leaves_the_answer_alone_and_learns_the_lesion_types(tiny_encoder_dir, tiny_model):
-    torch.manual_seed(0)
-    config = make_tiny_config(tiny_encoder_dir, appearance_head=True)
-    model = LSMS(config, tiny_model.text_encoder, tiny_model.tokenizer)
-    plain = LSMS(
-        dataclasses.replace(config, appearance_head=False), tiny_model.text_encoder, tiny_model.tokenizer
-    )
-    plain.load_state_dict(model.state_dict(), strict=False)
+    model, plain = _with_and_without(tiny_encoder_dir, tiny_model, "appearance_head")
+    config = model.config
     images, types, masks = _typed_blobs()
     with torch.no_grad():
         out, expected = model.eval()(images, "the lesion"), plain.eval()(images, "the lesion")
